@@ -1,0 +1,34 @@
+"""Test tiers: default (emulated backend / pure torch), ``ttnn_mock`` (the real ttnn library in mock
+mode: no hardware, nothing computed) and ``device`` (real Tenstorrent hardware, skipped otherwise)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    from ttswap.backends import tenstorrent_device_present
+
+    no_device = pytest.mark.skip(reason="no Tenstorrent device present (/dev/tenstorrent*); run `make test` on a machine with one")
+    no_ttnn = pytest.mark.skip(reason="ttnn is not installed: install the project with the [tt] extra")
+    has_device = tenstorrent_device_present()
+    has_ttnn = importlib.util.find_spec("ttnn") is not None
+    for item in items:
+        if "device" in item.keywords and not has_device:
+            item.add_marker(no_device)
+        elif ("ttnn_mock" in item.keywords or "device" in item.keywords) and not has_ttnn:
+            if os.environ.get("CI"):
+                raise pytest.UsageError("CI must run the ttnn_mock tier, but ttnn is not installed")
+            item.add_marker(no_ttnn)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+

@@ -1,0 +1,1 @@
+"""Plain PyTorch reference models that ttswap converts."""
