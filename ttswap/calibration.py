@@ -71,3 +71,17 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor | Sequence[torc
             m.momentum = momentum
         model.eval()
     return model
+
+
+@torch.no_grad()
+def make_batchnorm_ill_conditioned(model: nn.Module, every: int = 16, var: float = 1e-7, gamma_scale: float = 0.1) -> nn.Module:
+    """Give one channel in ``every`` of each BatchNorm a near-zero running variance, as trained nets
+    have for channels that barely vary (in place). With ``gamma_scale`` the channel's output stays
+    moderate, but its folded conv weights become ~``gamma_scale / sqrt(eps)`` times larger than its
+    neighbours', so a shared bfloat8_b exponent leaves those neighbours few mantissa bits."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+            m.running_var[::every] = var
+            if m.weight is not None:
+                m.weight[::every] *= gamma_scale
+    return model
