@@ -1,10 +1,10 @@
 """Classify a sample image with a converted ESE-VoVNet.
 
-    python examples/classify_vovnet.py [--model ese_vovnet19b_dw] [--weights FILE] [--image coffee]
+    python examples/classify_vovnet.py [--model ese_vovnet19b_dw] [--weights FILE | --pretrained] [--image coffee]
                                        [--backend auto|emulated|ttnn]
 
-With --weights (a local .safetensors or .pth state dict for the timm model) the labels mean
-something. Without, the model has random weights with BatchNorm recalibrated on the sample images:
+With --weights (a local .safetensors or .pth state dict for the timm model, read without unpickling)
+or --pretrained (timm's download) the labels mean something. Without, the model has random weights with BatchNorm recalibrated on the sample images:
 the pipeline runs and the converted model is compared with torch, but the classes are arbitrary.
 """
 
@@ -22,17 +22,20 @@ from ttswap.metrics import pcc
 from ttswap.weights import load_state_dict_strict, read_state_dict
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ese_vovnet19b_dw")
     parser.add_argument("--weights", help="local state dict (.safetensors or .pth) for the timm model")
+    parser.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (downloads them)")
     parser.add_argument("--image", default="coffee", choices=SAMPLE_IMAGES)
     parser.add_argument("--backend", default="auto", choices=("auto", "emulated", "ttnn"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    model = timm.create_model(args.model, pretrained=False).eval()
-    if args.weights:
+    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+    if args.pretrained:
+        print(f"using timm's pretrained {args.model}")
+    elif args.weights:
         load_state_dict_strict(model, read_state_dict(args.weights))
         print(f"loaded weights from {args.weights}")
     else:

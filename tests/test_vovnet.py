@@ -185,3 +185,21 @@ def test_report_lists_every_node_with_config(vovnet19):
     assert len(data["nodes"]) == len(report.records)
     conv = next(n for n in data["nodes"] if n["layer"] == "stem.0" and n["l1_bytes_per_core"])
     assert conv["config"]["fidelity"] == "HiFi4" and conv["config"]["act_block_h"] == 32
+
+
+def test_classify_example_loads_a_local_safetensors_file(tmp_path, vovnet19, capsys):
+    """The example's real loading path, on a weights file this test writes."""
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ese_vovnet19b_dw.safetensors"
+    save_file({k: v.contiguous() for k, v in vovnet19.state_dict().items()}, str(path))
+    spec = importlib.util.spec_from_file_location("classify_vovnet", "examples/classify_vovnet.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--weights", str(path), "--image", "chelsea", "--backend", "emulated"])
+    out = capsys.readouterr().out
+    assert f"loaded weights from {path}" in out
+    value = float(out.split("logits PCC vs torch fp32:")[1].split()[0])
+    assert value >= 0.99
