@@ -12,6 +12,18 @@ import torch
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_weight_cache(tmp_path_factory):
+    """Keep the suite's conversions out of the user's weight cache (and the user's out of ours)."""
+    previous = os.environ.get("TTSWAP_CACHE_DIR")
+    os.environ["TTSWAP_CACHE_DIR"] = str(tmp_path_factory.mktemp("ttswap-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("TTSWAP_CACHE_DIR", None)
+    else:
+        os.environ["TTSWAP_CACHE_DIR"] = previous
+
+
 def pytest_collection_modifyitems(config, items):
     from ttswap.backends import tenstorrent_device_present
 

@@ -37,7 +37,7 @@ def test_shipped_recipe_found_by_name():
     recipe = Recipe.load("ese_vovnet")
     assert recipe.name == "ese_vovnet"
     assert recipe.input_shape == (1, 3, 224, 224)
-    assert recipe.defaults.weight_dtype is DType.BFP8_B and recipe.defaults.fidelity is Fidelity.LOFI
+    assert recipe.defaults.weight_dtype is DType.BF16 and recipe.defaults.fidelity is Fidelity.HIFI4
 
 
 def test_rules_apply_in_order_with_globs_and_op_filter():
@@ -69,9 +69,9 @@ def test_auto_shard_follows_shape_ratio():
 
 
 def test_override_appends_a_winning_rule():
-    recipe = Recipe.load("ese_vovnet").override(weight_dtype="bf16", fidelity="HiFi4", fp32_acc=True)
+    recipe = Recipe.load("ese_vovnet").override(weight_dtype="bfp8_b", fidelity="LoFi", fp32_acc=False)
     cfg = recipe.resolve("stem.0", "conv", 12544, 64).config
-    assert (cfg.weight_dtype, cfg.fidelity, cfg.fp32_acc) == (DType.BF16, Fidelity.HIFI4, True)
+    assert (cfg.weight_dtype, cfg.fidelity, cfg.fp32_acc) == (DType.BFP8_B, Fidelity.LOFI, False)
     assert cfg.act_block_h == 32  # earlier rules still apply where the override is silent
 
 

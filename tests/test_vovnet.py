@@ -163,10 +163,10 @@ def test_bad_inputs_get_clear_errors(vovnet19):
 
 
 def test_oversized_override_is_rejected_naming_layer_and_rule(vovnet19):
-    recipe = Recipe.load("ese_vovnet").override("stages.1.blocks.0.conv_mid.0", act_block_h=4096)
+    recipe = Recipe.load("ese_vovnet").override("stages.0.blocks.0.conv_mid.1", act_block_h=4096)
     with pytest.raises(ConversionError) as err:
         ttswap.convert(vovnet19, recipe, backend="emulated")
-    assert "stages.1.blocks.0.conv_mid.0" in str(err.value) and "override('stages.1.blocks.0.conv_mid.0')" in str(err.value)
+    assert "stages.0.blocks.0.conv_mid.1" in str(err.value) and "override('stages.0.blocks.0.conv_mid.1')" in str(err.value)
 
 
 def test_report_lists_every_node_with_config(vovnet19):
