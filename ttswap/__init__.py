@@ -6,12 +6,14 @@
 """
 
 from ttswap.config import Activation, DType, Fidelity, OpConfig, ShardLayout
+from ttswap.compare import compare
 from ttswap.convert import ConversionError, ConvertedModel, convert
 from ttswap.recipe import Recipe, RecipeError, shipped_recipes
+from ttswap.serialize import load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Activation", "ConversionError", "ConvertedModel", "DType", "Fidelity", "OpConfig", "Recipe", "RecipeError",
-    "ShardLayout", "convert", "shipped_recipes", "__version__",
+    "ShardLayout", "compare", "convert", "load", "shipped_recipes", "__version__",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from ttswap.backends import get_backend
 from ttswap.backends.base import L1_ALLOCATABLE_BYTES, Backend, DeviceTensor
+from ttswap.cache import ConversionCache, Fingerprint, cache_dir
 from ttswap.modules import Download, TransferCounter, TTModule, Upload
 from ttswap.patterns import BuildContext, Unsupported, rewriters
 from ttswap.patterns.matcher import Match, match_at
@@ -22,23 +24,33 @@ from ttswap.report import ConversionReport, NodeRecord, Transfers
 from ttswap.trace import node_shape, remove_identities, trace
 
 log = logging.getLogger("ttswap")
+PROGRESS_EVERY = 25  # device layers between progress log lines
 
 
 class ConversionError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What a conversion started from: the model as given (not a copy) and its fingerprint then."""
+
+    model: nn.Module
+    fingerprint: Fingerprint
+
+
 class ConvertedModel(nn.Module):
     """The converted network: still an ``nn.Module``, torch tensors in and out."""
 
     def __init__(self, graph_module: fx.GraphModule, backend: Backend, recipe: Recipe, report: ConversionReport,
-                 counter: TransferCounter):
+                 counter: TransferCounter, source: ModelSource | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.backend = backend
         self.recipe = recipe
         self.report = report
         self.transfer_counter = counter  # runtime counts; the report holds the static ones
+        self.source = source  # for save(); a dataclass, so the model is not registered as a submodule
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -57,6 +69,13 @@ class ConvertedModel(nn.Module):
     def device_layers(self) -> dict[str, TTModule]:
         return {m.layer: m for m in self.graph_module.modules() if isinstance(m, TTModule) and m.info.rewriter}
 
+    def save(self, path: "str | Path", model_ref: str | None = None, model_kwargs: dict | None = None) -> None:
+        """Write this conversion to one safetensors file; ``ttswap.load`` converts it again. See
+        ``ttswap.serialize.save``."""
+        from ttswap.serialize import save
+
+        save(self, path, model_ref=model_ref, model_kwargs=model_kwargs)
+
 
 def convert(
     model: nn.Module,
@@ -65,27 +84,36 @@ def convert(
     input_shape: Sequence[int] | None = None,
     backend: "str | Backend" = "auto",
     strict: bool = False,
+    cache: "bool | str | Path" = True,
 ) -> ConvertedModel:
     """Convert ``model`` so that every subgraph a rewriter recognises runs on the backend.
 
     ``recipe`` is a shipped recipe's name (``"ese_vovnet"``), a ``.toml`` path, or a ``Recipe``.
     ``input_shape`` (N, C, H, W) overrides the recipe's. The user's model is never modified.
     With ``strict=True`` any node that would stay in torch raises, listing each one and why.
+    ``cache`` is the weight cache's directory (True: ``$TTSWAP_CACHE_DIR`` or ``~/.cache/ttswap/weights``;
+    False: no cache); see ``ttswap.cache``.
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     recipe = Recipe.load(recipe)
     shape = _input_shape(input_shape, recipe)
+    recipe = recipe.for_model(model, shape)  # itself, or for "auto" a recipe tuned for this model
     be = get_backend(backend) if isinstance(backend, str) else backend
 
     work = copy.deepcopy(model).eval()  # the caller's model is never touched
-    gm = trace(work, torch.zeros(shape))
+    gm = trace(work, None)
+    fingerprint = Fingerprint.of(gm, work, recipe, be, shape)
+    weight_cache = ConversionCache.open(cache_dir(cache), fingerprint)
+    weight_cache.propagate_shapes(gm, torch.zeros(shape))
     remove_identities(gm)
-    ctx = BuildContext(gm, be, recipe, (shape[2], shape[3]))
+    log.info("traced %s: %d nodes (%.1f s)", type(model).__name__, len(gm.graph.nodes), time.perf_counter() - start)
+    ctx = BuildContext(gm, be, recipe, (shape[2], shape[3]), weight_cache)
     records = {n: NodeRecord(n.name, _describe(gm, n), _kind(n)) for n in gm.graph.nodes}
 
     matches = _match_all(gm, ctx, records)
+    weight_cache.save()
     _check_l1(matches, recipe)
     unconverted = [r for r in records.values() if r.replacement == "torch"]
     if strict and unconverted:
@@ -103,7 +131,7 @@ def convert(
     report = ConversionReport(type(model).__name__, recipe.name, be.name, shape, list(records.values()), transfers)
     report.seconds = time.perf_counter() - start
     log.info(report.summary())
-    return ConvertedModel(gm, be, recipe, report, counter)
+    return ConvertedModel(gm, be, recipe, report, counter, ModelSource(model, fingerprint))
 
 
 def _input_shape(input_shape: Sequence[int] | None, recipe: Recipe) -> tuple[int, int, int, int]:
@@ -133,6 +161,7 @@ def _match_all(gm: fx.GraphModule, ctx: BuildContext, records: dict[fx.Node, Nod
     claimed: set[fx.Node] = set()
     matches: list[tuple[Match, TTModule]] = []
     candidates = rewriters()
+    start = time.perf_counter()
     for node in reversed(gm.graph.nodes):
         if node in claimed or node.op not in ("call_module", "call_function", "call_method"):
             continue
@@ -148,6 +177,8 @@ def _match_all(gm: fx.GraphModule, ctx: BuildContext, records: dict[fx.Node, Nod
                 continue
             claimed.update(match.nodes)
             matches.append((match, module))
+            if len(matches) % PROGRESS_EVERY == 0:
+                log.info("built %d device layers (%.1f s)", len(matches), time.perf_counter() - start)
             for n in match.nodes:
                 rec = records[n]
                 rec.replacement, rec.layer = rw.name, module.info.layer
@@ -184,6 +215,7 @@ def _rewrite(gm: fx.GraphModule, matches: list[tuple[Match, TTModule]]) -> None:
         with gm.graph.inserting_before(match.root):
             new = gm.graph.call_module(f"ttswap.{key}", tuple(replaced.get(n, n) for n in match.input_nodes))
         new.meta = dict(match.root.meta)
+        new.meta["original_node"] = match.root.name  # the traced node whose value this replaces
         match.root.replace_all_uses_with(new)
         replaced[match.root] = new
         for n in reversed(match.nodes):
@@ -244,4 +276,4 @@ def _insert_transfers(gm: fx.GraphModule, backend: Backend, recipe: Recipe, coun
     return transfers
 
 
-__all__ = ["ConversionError", "ConvertedModel", "DeviceTensor", "convert"]
+__all__ = ["ConversionError", "ConvertedModel", "DeviceTensor", "ModelSource", "convert"]

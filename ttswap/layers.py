@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -81,14 +84,18 @@ def bfp8_channel_error(weight: torch.Tensor, groups: int) -> float:
 
 
 class ConvLayer(TTModule):
-    """One device conv2d with optional bias and fused activation."""
+    """One device conv2d with optional bias and fused activation. ``folded`` returns the fp32 weight
+    and bias (BatchNorm folded in); it is not called when the weight cache holds what they give."""
 
-    def __init__(self, ctx: BuildContext, info: LayerInfo, spec: Conv2dSpec, weight: torch.Tensor,
-                 bias: torch.Tensor | None, activation: Activation | None, input_nhw: tuple[int, int, int]):
+    def __init__(self, ctx: BuildContext, info: LayerInfo, spec: Conv2dSpec,
+                 folded: Callable[[], tuple[torch.Tensor, torch.Tensor | None]], activation: Activation | None,
+                 input_nhw: tuple[int, int, int]):
         super().__init__(ctx.backend, info)
         self.spec, self.activation = spec, activation
-        info.config = _guard_bfp8(ctx, info, weight, spec.groups)
-        self.weights = ctx.backend.prepare_conv(weight, bias, spec, info.config, info.layer)
+        folded = functools.cache(folded)
+        info.config = _guard_bfp8(ctx, info, lambda: folded()[0], spec.groups)
+        self.weights = ctx.weight_cache.prepared(
+            info.layer, folded, lambda w, b: ctx.backend.prepare_conv(w, b, spec, info.config, info.layer))
         info.l1_bytes = _conv_l1(spec, input_nhw, info)
         info.notes.insert(0, f"conv {spec.kernel[0]}x{spec.kernel[1]}/{spec.stride[0]} {spec.in_channels}->"
                              f"{spec.out_channels}" + (f" g{spec.groups}" if spec.groups > 1 else "")
@@ -101,20 +108,22 @@ class ConvLayer(TTModule):
 def make_conv(ctx: BuildContext, info: LayerInfo, conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
               activation: Activation | None, input_shape: tuple[int, ...]) -> ConvLayer:
     spec = conv_spec(conv)
-    weight = conv.weight.detach()
-    bias = conv.bias.detach() if conv.bias is not None else None
-    if bn is not None:
-        weight, bias = fold_batchnorm(weight, bias, bn)
+
+    def folded() -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = conv.weight.detach()
+        bias = conv.bias.detach() if conv.bias is not None else None
+        return fold_batchnorm(weight, bias, bn) if bn is not None else (weight, bias)
+
     n, _, h, w = input_shape
-    return ConvLayer(ctx, info, spec, weight, bias, activation, (n, h, w))
+    return ConvLayer(ctx, info, spec, folded, activation, (n, h, w))
 
 
-def _guard_bfp8(ctx: BuildContext, info: LayerInfo, weight: torch.Tensor, groups: int):
+def _guard_bfp8(ctx: BuildContext, info: LayerInfo, weight: Callable[[], torch.Tensor], groups: int):
     cfg = info.config
     guard = ctx.recipe.bfp8_guard
     if cfg is None or guard is None or cfg.weight_dtype is not DType.BFP8_B:
         return cfg
-    error = bfp8_channel_error(weight, groups)
+    error = ctx.weight_cache.value(f"{info.layer}/bfp8_error", lambda: bfp8_channel_error(weight(), groups))
     if error > guard:
         info.notes.append(f"bf16 weights: bfp8_b would put {error:.1%} error on a channel (guard {guard:.1%})")
         return cfg.replace(weight_dtype=DType.BF16)

@@ -15,6 +15,10 @@ A recipe is TOML::
     match = "stages.3.*"                # fnmatch glob over the layer's module path
     op = "conv"                         # optional: only layers made by these rewriters
     shard = "block"
+    note = "why this rule"              # optional: shown in the report of the layers it sets
+
+The name ``"auto"`` loads ``ttswap.auto_recipe.AutoRecipe``, which tunes a recipe per model
+(``Recipe.for_model``).
 
     [resolutions."640x640"]             # optional: rules that apply only at this input size
     rules = [{ match = "down1.*", act_block_h = 64 }]
@@ -86,6 +90,7 @@ class Rule:
     overrides: dict[str, Any]
     ops: tuple[str, ...] = ()  # rewriter names this rule is limited to; empty means all
     label: str = ""
+    note: str = ""  # shown in the report of the layers it applies to (the auto recipe says why here)
 
     def applies(self, layer: str, op: str) -> bool:
         return fnmatch.fnmatchcase(layer, self.match) and (not self.ops or op in self.ops)
@@ -95,6 +100,7 @@ class Rule:
 class ResolvedConfig:
     config: OpConfig
     rules: tuple[str, ...]  # labels of the rules that set something, in order
+    notes: tuple[str, ...] = ()  # notes of the rules that applied
 
 
 @dataclass
@@ -116,6 +122,10 @@ class Recipe:
     def load(cls, name_or_path: "str | Path | Recipe") -> "Recipe":
         if isinstance(name_or_path, Recipe):
             return name_or_path
+        if name_or_path == "auto":
+            from ttswap.auto_recipe import AutoRecipe  # late: it converts, and convert imports recipes
+
+            return AutoRecipe()
         path = Path(name_or_path)
         if path.suffix == ".toml" or path.exists():
             if not path.is_file():
@@ -129,6 +139,11 @@ class Recipe:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise RecipeError(f"{source}: not valid TOML: {exc}") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "Recipe":
+        """A recipe from the tables of a recipe file, as plain data (what ``tomllib`` returns)."""
         unknown = set(data) - {"recipe", "defaults", "rules", "resolutions"}
         if unknown:
             raise RecipeError(f"{source}: unknown section(s) {sorted(unknown)}; valid: recipe, defaults, rules, resolutions")
@@ -161,6 +176,10 @@ class Recipe:
                    description=description, source=source)
 
     # -- use ---------------------------------------------------------------------------------------
+    def for_model(self, model: Any, input_shape: tuple[int, ...]) -> "Recipe":
+        """The recipe that converts ``model``: this one. ``AutoRecipe`` tunes one for the model."""
+        return self
+
     def override(self, match: str = "*", **fields: Any) -> "Recipe":
         """A copy with one more rule at the end (so it wins), e.g. ``override(fidelity="HiFi4")``."""
         rule = Rule(match, parse_overrides(fields, f"{self.source}: override"), label=f"override({match!r})")
@@ -169,14 +188,17 @@ class Recipe:
     def resolve(self, layer: str, op: str, nhw: int, channels: int, input_hw: tuple[int, int] | None = None) -> ResolvedConfig:
         values = dataclasses.asdict(self.defaults)
         applied: list[str] = []
+        notes: list[str] = []
         for rule in self._rules_for(input_hw):
             if rule.applies(layer, op):
                 values.update(rule.overrides)
                 applied.append(rule.label)
+                if rule.note:
+                    notes.append(rule.note)
         config = OpConfig(**values)
         if config.shard is ShardLayout.AUTO:
             config = config.replace(shard=resolve_auto_shard(nhw, channels))
-        return ResolvedConfig(config, tuple(applied))
+        return ResolvedConfig(config, tuple(applied), tuple(notes))
 
     def _rules_for(self, input_hw: tuple[int, int] | None) -> Iterable[Rule]:
         yield from self.rules
@@ -190,10 +212,13 @@ class Recipe:
             "input_shape": list(self.input_shape) if self.input_shape else None,
             "bfp8_guard": self.bfp8_guard,
             "defaults": self.defaults.to_dict(),
-            "rules": [{"match": r.match, "ops": list(r.ops), **_plain(r.overrides)} for r in self.rules],
-            "resolutions": {k: [{"match": r.match, "ops": list(r.ops), **_plain(r.overrides)} for r in v]
-                            for k, v in self.resolutions.items()},
+            "rules": [_rule_dict(r) for r in self.rules],
+            "resolutions": {k: [_rule_dict(r) for r in v] for k, v in self.resolutions.items()},
         }
+
+
+def _rule_dict(rule: Rule) -> dict[str, Any]:
+    return {"match": rule.match, "ops": list(rule.ops), **_plain(rule.overrides), **({"note": rule.note} if rule.note else {})}
 
 
 def _plain(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +242,9 @@ def _parse_rules(raw: Any, source: str, section: str) -> list[Rule]:
             raise RecipeError(f"{where}: field 'match' (a module-path glob) is required")
         ops = table.pop("op", ())
         ops = (ops,) if isinstance(ops, str) else tuple(ops)
+        note = table.pop("note", "")
+        if not isinstance(note, str):
+            raise RecipeError(f"{where}: field 'note' must be a string, got {note!r}")
         from ttswap.patterns import rewriter_names  # late: patterns import modules that import recipes
 
         unknown_ops = [o for o in ops if o not in rewriter_names()]
@@ -227,7 +255,7 @@ def _parse_rules(raw: Any, source: str, section: str) -> list[Rule]:
             OpConfig(**overrides)
         except ValueError as exc:
             raise RecipeError(f"{where}: {exc}") from None
-        rules.append(Rule(match, overrides, ops, label=f"{section}[{i}] {match!r}"))
+        rules.append(Rule(match, overrides, ops, label=f"{section}[{i}] {match!r}", note=note))
     return rules
 
 

@@ -34,8 +34,10 @@ class TraceError(RuntimeError):
     pass
 
 
-def trace(model: nn.Module, example: torch.Tensor, extra_leaves: Iterable[type] = ()) -> fx.GraphModule:
-    """Trace ``model`` (which the caller owns: it is not copied here) and record tensor shapes."""
+def trace(model: nn.Module, example: torch.Tensor | None, extra_leaves: Iterable[type] = ()) -> fx.GraphModule:
+    """Trace ``model`` (which the caller owns: it is not copied here) and record tensor shapes by
+    running ``example`` through it. ``example=None`` leaves shapes to the caller (the weight cache
+    restores them without running the model)."""
     tracer = LeafTracer(extra_leaves)
     try:
         graph = tracer.trace(model)
@@ -45,9 +47,14 @@ def trace(model: nn.Module, example: torch.Tensor, extra_leaves: Iterable[type] 
             "need a traceable forward, or the offending submodule passed as a leaf (extra_leaves=...)"
         ) from exc
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if example is not None:
+        propagate_shapes(gm, example)
+    return gm
+
+
+def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
-    return gm
 
 
 def remove_identities(gm: fx.GraphModule) -> None:

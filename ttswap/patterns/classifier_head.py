@@ -19,7 +19,9 @@ class ClassifierHead(TTModule):
     def __init__(self, ctx: BuildContext, info: LayerInfo, fc: nn.Linear):
         super().__init__(ctx.backend, info)
         bias = fc.bias.detach() if fc.bias is not None else None
-        self.weights = ctx.backend.prepare_linear(fc.weight.detach(), bias, info.config, info.layer)
+        self.weights = ctx.weight_cache.prepared(
+            info.layer, lambda: (fc.weight.detach(), bias),
+            lambda w, b: ctx.backend.prepare_linear(w, b, info.config, info.layer))
 
     def forward(self, x: DeviceTensor) -> DeviceTensor:
         return self.backend.linear(self.backend.mean_hw(x, self.cfg, self.layer), self.weights, self.cfg, self.layer)

@@ -9,12 +9,13 @@ or raises ``Unsupported`` with a reason, which the report shows when nothing els
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.fx as fx
 
 from ttswap.backends.base import Backend
+from ttswap.cache import ConversionCache
 from ttswap.modules import LayerInfo, TTModule
 from ttswap.patterns.matcher import Call, Input, Match, Module, PatternNode
 from ttswap.recipe import Recipe, ResolvedConfig
@@ -31,6 +32,7 @@ class BuildContext:
     backend: Backend
     recipe: Recipe
     input_hw: tuple[int, int]
+    weight_cache: ConversionCache = field(default_factory=ConversionCache)
 
     def shape(self, node: fx.Node) -> tuple[int, ...]:
         shape = node_shape(node)
@@ -64,7 +66,8 @@ class BuildContext:
     def info(self, match: Match, rewriter: str, resolved: ResolvedConfig | None, **extra) -> LayerInfo:
         return LayerInfo(layer=layer_name(match), rewriter=rewriter,
                          config=resolved.config if resolved else None,
-                         rules=resolved.rules if resolved else (), **extra)
+                         rules=resolved.rules if resolved else (),
+                         notes=list(resolved.notes) if resolved else [], **extra)
 
 
 Builder = Callable[[Match, BuildContext], TTModule]

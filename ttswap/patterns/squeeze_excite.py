@@ -9,7 +9,8 @@ import operator
 import torch
 from torch import nn
 
-from ttswap.activations import ACTIVATION_MODULE_TYPES, UnsupportedActivation, activation_of_module
+from ttswap.activations import (ACTIVATION_FUNCTIONS, ACTIVATION_MODULE_TYPES, UnsupportedActivation,
+                                activation_of_call, activation_of_module)
 from ttswap.backends.base import DeviceTensor
 from ttswap.config import Activation
 from ttswap.modules import LayerInfo, TTModule
@@ -23,9 +24,10 @@ _mlp = Module(nn.Conv2d, Module(ACTIVATION_MODULE_TYPES, Module(nn.Conv2d, _mean
 
 
 def _gated(fc_pattern):
-    gate = Module(ACTIVATION_MODULE_TYPES, fc_pattern, name="gate")
-    return [Call((operator.mul, torch.mul), Input("x"), gate, name="mul"),
-            Call((operator.mul, torch.mul), gate, Input("x"), name="mul")]
+    # the gate is a module (timm's SqueezeExcite, eSE) or a call (x_se.sigmoid() in timm's SEModule)
+    gates = (Module(ACTIVATION_MODULE_TYPES, fc_pattern, name="gate"), Call(ACTIVATION_FUNCTIONS, fc_pattern, name="gate"))
+    return [Call((operator.mul, torch.mul), *args, name="mul")
+            for gate in gates for args in ((Input("x"), gate), (gate, Input("x")))]
 
 
 class SqueezeExcite(TTModule):
@@ -33,8 +35,10 @@ class SqueezeExcite(TTModule):
                  gate: Activation):
         super().__init__(ctx.backend, info)
         self.hidden_act, self.gate = hidden_act, gate
-        self.weights = [ctx.backend.prepare_linear(fc.weight.detach().flatten(1), _bias(fc), info.config,
-                                                   f"{info.layer}.fc{i}") for i, fc in enumerate(fcs)]
+        self.weights = [ctx.weight_cache.prepared(
+            f"{info.layer}.fc{i}", lambda fc=fc: (fc.weight.detach().flatten(1), _bias(fc)),
+            lambda w, b, i=i: ctx.backend.prepare_linear(w, b, info.config, f"{info.layer}.fc{i}"),
+        ) for i, fc in enumerate(fcs)]
 
     def forward(self, x: DeviceTensor) -> DeviceTensor:
         s = self.backend.mean_hw(x, self.cfg, self.layer)
@@ -64,7 +68,14 @@ def build_se(match: Match, ctx: BuildContext):
     keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
     if tuple(dims or ()) not in ((2, 3), (-2, -1), (3, 2), (-1, -2)) or not keepdim:
         raise Unsupported(f"mean over {dims} (keepdim={keepdim}) is not a spatial squeeze")
-    gate = _act(match.module(ctx.gm, "gate"))
+    gate_node = match.named["gate"]
+    if gate_node.op == "call_module":
+        gate = _act(match.module(ctx.gm, "gate"))
+    else:
+        try:
+            gate = activation_of_call(gate_node.target, gate_node.args, gate_node.kwargs)
+        except UnsupportedActivation as exc:
+            raise Unsupported(f"gate {exc} has no device implementation") from None
     if gate is None or gate.kind not in _GATES:
         raise Unsupported(f"gate {gate} is not a sigmoid or hard sigmoid")
     fcs = [match.module(ctx.gm, k) for k in ("fc1", "fc") if k in match.named]

@@ -1,0 +1,89 @@
+"""The ``ttswap`` command line, run in-process (one subprocess checks ``python -m ttswap``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ttswap
+from ttswap.cli import main
+from ttswap.recipe import Recipe, shipped_recipes
+
+RESBLOCK = ["ttswap.models.yolov4:ResBlock", "--model-kwargs", '{"channels": 16, "num_blocks": 1}',
+            "--recipe", "yolov4", "--input-shape", "1,16,16,16", "--backend", "emulated", "--no-cache"]
+
+
+def test_recipes_lists_each_shipped_recipe_with_its_description(capsys):
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in shipped_recipes():
+        recipe = Recipe.load(name)
+        row = next(line for line in lines if line.startswith(name + " "))
+        assert recipe.description in row and "x".join(map(str, recipe.input_shape)) in row
+
+
+def test_convert_writes_the_report_and_a_loadable_save(tmp_path, capsys):
+    report, saved = tmp_path / "report.json", tmp_path / "block.safetensors"
+    assert main(["convert", *RESBLOCK, "--report", str(report), "--save", str(saved)]) == 0
+    out, err = capsys.readouterr()
+    assert "3 device layers (2 conv, 1 add); 0 fallback(s)" in out
+    assert "ttswap: traced ResBlock" in err  # progress on stderr
+    data = json.loads(report.read_text())
+    assert data["model"] == "ResBlock" and data["input_shape"] == [1, 16, 16, 16] and data["fallbacks"] == []
+    loaded = ttswap.load(saved, backend="emulated", cache=False)
+    x = torch.randn(1, 16, 16, 16)
+    with torch.no_grad():
+        assert ttswap.metrics.pcc(loaded(x), loaded.source.model(x)) > 0.99
+
+
+def test_compare_on_a_timm_model_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "cmp.json", tmp_path / "pcc.png"
+    args = ["compare", "ese_vovnet19b_dw", "--recipe", "ese_vovnet", "--input-shape", "1,3,32,32",
+            "--backend", "emulated", "--no-cache", "--json", str(out_json), "--plot", str(out_png), "-q"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    assert len(data["layers"]) > 30 and data["first_below"] == {"propagated": None, "isolated": None}
+    assert {row["rewriter"] for row in data["layers"]} >= {"conv", "separable_conv"}
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert "first below threshold: none" in out
+
+
+def test_bench_prints_the_ratio(capsys):
+    assert main(["bench", *RESBLOCK, "--repeat", "1", "-q"]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    assert "converted / eager" in header
+    assert float(row.split()[-1]) > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["convert", *RESBLOCK[:5], "--recipe", "no_such_recipe"], "no shipped recipe named 'no_such_recipe'"),
+    (["convert", "no_such_model_xyz", "--recipe", "yolov4"], "neither a timm model name nor module:callable"),
+    (["convert", *RESBLOCK, "--weights", "/no/such.pth"], "no weights file"),
+])
+def test_errors_are_one_line_without_traceback(argv, message, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("ttswap: error:")]
+    assert message in line
+    assert main([*argv, "--verbose"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "x", "--recipe", "yolov4", "--input-shape", "1,3,32"])
+    assert exit_info.value.code == 2
+    assert "N,C,H,W" in capsys.readouterr().err
+
+
+def test_python_dash_m_ttswap():
+    result = subprocess.run([sys.executable, "-m", "ttswap", "recipes"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert all(name in result.stdout for name in shipped_recipes())
