@@ -28,6 +28,9 @@ _FUNCTIONS: dict[object, str] = {
     F.sigmoid: "sigmoid",
     F.hardsigmoid: "hardsigmoid",
     F.hardswish: "hardswish",
+    # tensor methods, matched by name (x.sigmoid() in timm's SEModule)
+    "relu": "relu",
+    "sigmoid": "sigmoid",
 }
 
 
@@ -76,6 +79,8 @@ def activation_of_call(target: object, args: tuple, kwargs: dict) -> Activation:
         if kwargs.get("approximate", "none") != "none":
             raise UnsupportedActivation("gelu(approximate='tanh')")
         return Activation("gelu")
+    if isinstance(target, str) and (args[1:] or kwargs):
+        raise UnsupportedActivation(f".{target}() with arguments")
     if target in _FUNCTIONS:
         return Activation(_FUNCTIONS[target])
     raise UnsupportedActivation(getattr(target, "__name__", str(target)))

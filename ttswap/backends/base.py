@@ -140,6 +140,11 @@ class Backend(ABC):
         ...
 
     @abstractmethod
+    def avg_pool2d(self, x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, layer: str, count_include_pad: bool = True,
+                   divisor_override: int | None = None) -> DeviceTensor:
+        """torch's ``avg_pool2d`` (no dilation); placed like ``max_pool2d``."""
+
+    @abstractmethod
     def upsample_nearest(self, x: DeviceTensor, scale: int, cfg: OpConfig, layer: str) -> DeviceTensor:
         ...
 

@@ -102,6 +102,17 @@ class EmulatedBackend(Backend):
 
     name = "emulated"
 
+    def __init__(self, check_l1: bool = True) -> None:
+        # the live tensors' L1, counted against every op's budget as ttnn's allocator counts it
+        self.resident = l1.ResidentTensors()
+        # False: values and placement only, for observing a configuration that does not fit (the
+        # auto recipe does, to see every op before choosing layouts that do)
+        self.check_l1 = check_l1
+
+    def _check_l1(self, layer: str, estimate: tuple[int, dict[str, int]], *inputs: DeviceTensor) -> None:
+        if self.check_l1:
+            l1.check_l1(layer, estimate, self.resident.bytes_besides(inputs))
+
     # -- transfers -------------------------------------------------------------------------------
     def upload(self, x: torch.Tensor, cfg: OpConfig, layer: str = "input") -> DeviceTensor:
         if x.dim() != 4:
@@ -109,7 +120,7 @@ class EmulatedBackend(Backend):
         n, c, h, w = x.shape
         payload = quantize(x.detach().float().permute(0, 2, 3, 1).contiguous(), cfg.act_dtype)
         layout = Layout.TILE if cfg.act_dtype is DType.BFP8_B else Layout.ROW_MAJOR  # bfloat8_b only tiles
-        return DeviceTensor(payload, n, h, w, c, cfg.act_dtype, layout, _L1_INTERLEAVED)
+        return self.resident.add(DeviceTensor(payload, n, h, w, c, cfg.act_dtype, layout, _L1_INTERLEAVED))
 
     def download(self, t: DeviceTensor, layer: str = "output") -> torch.Tensor:
         return t.payload.permute(0, 3, 1, 2).contiguous()
@@ -171,9 +182,12 @@ class EmulatedBackend(Backend):
         if x.c != spec.in_channels:
             raise ValueError(f"layer {layer!r}: input has {x.c} channels, conv expects {spec.in_channels}")
         h_out, w_out = spec.output_hw(x.h, x.w)
-        l1.check_l1(layer, l1.estimate_conv_l1(spec, x.n, x.h, x.w, cfg))
         layout = l1.resolve_conv_layout(spec, x.nhw, cfg)
-        grid = l1.conv_shard_grid(layout, x.n * h_out * w_out, spec.in_channels, spec.out_channels, cfg.act_block_h)
+        # The estimate counts the input shard the conv computes from. An input laid out otherwise
+        # is resharded into it first, and unless deallocate frees the original then, both stay.
+        kept_apart = x.memory.layout is not layout and not cfg.deallocate
+        self._check_l1(layer, l1.estimate_conv_l1(spec, x.n, x.h, x.w, cfg), *(() if kept_apart else (x,)))
+        grid = l1.conv_shard_grid(layout, spec, x.n * h_out * w_out, cfg.act_block_h)
 
         y = None
         for bits_b, bits_a in fidelity_terms(cfg.fidelity):
@@ -195,14 +209,16 @@ class EmulatedBackend(Backend):
             y = _activate(y, activation, inplace=True)
         out = _tiled(quantize(y, cfg.act_dtype).contiguous(), x.n, h_out, w_out, spec.out_channels,
                      cfg.act_dtype, grid.memory_spec())
+        if cfg.deallocate:  # ttnn frees the input once the conv has read it
+            self.resident.discard(x)
         out = self._place(out, cfg, layer)
         if activation is not None and not fused:
-            out = self.activation(out, activation, cfg, layer)
+            out = self._activate_own(out, activation, cfg, layer)
         return out
 
     def max_pool2d(self, x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, layer: str) -> DeviceTensor:
         grid = self._pool_input_grid(x, cfg)
-        l1.check_l1(layer, l1.estimate_pool_l1(spec, x.n, x.h, x.w, x.c, grid, cfg))
+        self._check_l1(layer, l1.estimate_pool_l1(spec, x.n, x.h, x.w, x.c, grid, cfg), x)
         h_out, w_out = spec.output_hw(x.h, x.w)
         y = F.max_pool2d(
             x.payload.permute(0, 3, 1, 2), spec.kernel, spec.stride, spec.padding, spec.dilation, spec.ceil_mode
@@ -213,10 +229,31 @@ class EmulatedBackend(Backend):
         out = _tiled(quantize(y, cfg.act_dtype).contiguous(), x.n, h_out, w_out, x.c, cfg.act_dtype, memory)
         return self._place(out, cfg, layer)
 
+    def avg_pool2d(self, x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, layer: str, count_include_pad: bool = True,
+                   divisor_override: int | None = None) -> DeviceTensor:
+        if spec.dilation != (1, 1):
+            raise ValueError(f"layer {layer!r}: avg_pool2d has no dilation, got {spec.dilation}")
+        grid = self._pool_input_grid(x, cfg)
+        self._check_l1(layer, l1.estimate_pool_l1(spec, x.n, x.h, x.w, x.c, grid, cfg), x)
+        h_out, w_out = spec.output_hw(x.h, x.w)
+
+        def pool(images: torch.Tensor, divisor: int | None) -> torch.Tensor:
+            return F.avg_pool2d(images, spec.kernel, spec.stride, spec.padding, spec.ceil_mode, count_include_pad,
+                                divisor)
+
+        # Each window's sum times 1/divisor held in bfloat16, as ttnn scales reductions (see mean_hw).
+        # 1/divisor per window, from pooling ones: the count summed over the count averaged.
+        ones = x.payload.new_ones(1, 1, x.h, x.w)
+        scale = round_bf16(pool(ones, divisor_override) / pool(ones, 1))
+        y = (pool(x.payload.permute(0, 3, 1, 2), 1) * scale).permute(0, 2, 3, 1)
+        memory = l1.pool_shard_grid(grid, x.n * h_out * w_out).memory_spec()
+        out = _tiled(quantize(y, cfg.act_dtype).contiguous(), x.n, h_out, w_out, x.c, cfg.act_dtype, memory)
+        return self._place(out, cfg, layer)
+
     def upsample_nearest(self, x: DeviceTensor, scale: int, cfg: OpConfig, layer: str) -> DeviceTensor:
         if scale < 1:
             raise ValueError(f"layer {layer!r}: upsample scale must be a positive integer, got {scale}")
-        l1.check_l1(layer, l1.estimate_upsample_l1(x.nhw, x.c, scale, cfg))
+        self._check_l1(layer, l1.estimate_upsample_l1(x.nhw, x.c, scale, cfg), x)
         n, h, w, c = x.payload.shape
         y = x.payload[:, :, None, :, None, :].expand(n, h, scale, w, scale, c).reshape(n, h * scale, w * scale, c)
         out = _tiled(quantize(y, cfg.act_dtype), n, h * scale, w * scale, c, cfg.act_dtype, _L1_INTERLEAVED)
@@ -232,7 +269,7 @@ class EmulatedBackend(Backend):
         channels = [t.c for t in xs]
         memory = self._concat_memory(xs)
         grids = [l1.grid_of(t.memory) for t in xs]
-        l1.check_l1(layer, l1.estimate_concat_l1(first.nhw, channels, grids, l1.grid_of(memory), cfg))
+        self._check_l1(layer, l1.estimate_concat_l1(first.nhw, channels, grids, l1.grid_of(memory), cfg), *xs)
         payload = quantize(torch.cat([t.payload for t in xs], dim=-1), cfg.act_dtype)
         out = _tiled(payload, first.n, first.h, first.w, sum(channels), cfg.act_dtype, memory)
         return self._place(out, cfg, layer)
@@ -266,26 +303,35 @@ class EmulatedBackend(Backend):
             raise ValueError(f"layer {layer!r}: add of {a.describe()} and {b.describe()}")
         fused = activation is not None and activation.kind in ELTWISE_FUSED_ACTIVATIONS
         y = a.payload + b.payload
-        out = self._eltwise(a, _activate(y, activation, inplace=True) if fused else y, 2, cfg, layer)
+        out = self._eltwise((a, b), _activate(y, activation, inplace=True) if fused else y, cfg, layer)
         if activation is not None and not fused:
-            out = self.activation(out, activation, cfg, layer)
+            out = self._activate_own(out, activation, cfg, layer)
         return out
 
     def multiply(self, a: DeviceTensor, b: DeviceTensor, cfg: OpConfig, layer: str) -> DeviceTensor:
         if (b.n, b.c) != (a.n, a.c) or (b.h, b.w) not in ((a.h, a.w), (1, 1)):
             raise ValueError(f"layer {layer!r}: cannot multiply {a.describe()} by {b.describe()}")
-        return self._eltwise(a, a.payload * b.payload, 2, cfg, layer)
+        return self._eltwise((a, b), a.payload * b.payload, cfg, layer)
 
     def activation(self, x: DeviceTensor, act: Activation, cfg: OpConfig, layer: str) -> DeviceTensor:
-        l1.check_l1(layer, l1.estimate_eltwise_l1(x.nhw, x.c, 1, l1.grid_of(x.memory), cfg))
+        self._check_l1(layer, l1.estimate_eltwise_l1(x.nhw, x.c, 1, l1.grid_of(x.memory), cfg), x)
         out = dataclasses.replace(x, payload=quantize(_activate(x.payload, act), x.dtype))  # keeps its dtype
         return self._place(out, cfg, layer)
 
+    def _activate_own(self, x: DeviceTensor, act: Activation, cfg: OpConfig, layer: str) -> DeviceTensor:
+        """An activation an op could not fuse, on the op's own output: in place, as TtnnBackend runs
+        it, so it needs no L1 beyond ``x``."""
+        self._check_l1(layer, l1.estimate_eltwise_l1(x.nhw, x.c, 0, l1.grid_of(x.memory), cfg), x)
+        out = dataclasses.replace(x, payload=quantize(_activate(x.payload, act, inplace=True), x.dtype))
+        return self._place(out, cfg, layer)
+
     def _eltwise(
-        self, like: DeviceTensor, y: torch.Tensor, num_inputs: int, cfg: OpConfig, layer: str
+        self, inputs: tuple[DeviceTensor, ...], y: torch.Tensor, cfg: OpConfig, layer: str
     ) -> DeviceTensor:
         """A binary result: float32 math on the inputs, rounded once, placed like its first input."""
-        l1.check_l1(layer, l1.estimate_eltwise_l1(like.nhw, like.c, num_inputs, l1.grid_of(like.memory), cfg))
+        like = inputs[0]
+        estimate = l1.estimate_eltwise_l1(like.nhw, like.c, len(inputs), l1.grid_of(like.memory), cfg)
+        self._check_l1(layer, estimate, *inputs)
         out = _tiled(quantize(y, cfg.act_dtype), like.n, like.h, like.w, like.c, cfg.act_dtype, like.memory)
         return self._place(out, cfg, layer)
 
@@ -317,17 +363,17 @@ class EmulatedBackend(Backend):
             grid = l1.tensor_shard_grid(layout, x.nhw, x.c, tiled=x.layout is Layout.TILE)
         except ValueError as error:
             raise ValueError(f"layer {layer!r}: {error}") from error
-        return dataclasses.replace(x, memory=grid.memory_spec() if grid else _L1_INTERLEAVED)
+        return self.resident.add(dataclasses.replace(x, memory=grid.memory_spec() if grid else _L1_INTERLEAVED))
 
     def to_layout(self, x: DeviceTensor, layout: Layout, layer: str) -> DeviceTensor:
         # bfloat8_b exists only in tiles: untilizing gives bfloat16 (the values are exact in it)
         dtype = DType.BF16 if layout is Layout.ROW_MAJOR and x.dtype is DType.BFP8_B else x.dtype
-        return dataclasses.replace(x, layout=layout, dtype=dtype)
+        return self.resident.add(dataclasses.replace(x, layout=layout, dtype=dtype))
 
     def _place(self, t: DeviceTensor, cfg: OpConfig, layer: str) -> DeviceTensor:
         """Move an op's output where an explicit ``cfg.shard`` asks; AUTO keeps the op's choice."""
         if cfg.shard is ShardLayout.AUTO or t.memory.layout is cfg.shard:
-            return t
+            return self.resident.add(t)
         return self.to_memory(t, cfg.shard, layer)
 
     @staticmethod

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
+from typing import Iterable
 
-from ttswap.backends.base import GRID, L1_ALLOCATABLE_BYTES, TILE, L1BudgetError, MemorySpec, round_up
-from ttswap.config import Conv2dSpec, DType, OpConfig, Pool2dSpec, ShardLayout, resolve_auto_shard
+from ttswap.backends.base import GRID, L1_ALLOCATABLE_BYTES, TILE, DeviceTensor, L1BudgetError, MemorySpec, round_up
+from ttswap.config import Conv2dSpec, DType, Layout, OpConfig, Pool2dSpec, ShardLayout, resolve_auto_shard
 
 TILE_BYTES = {DType.BF16: 2048, DType.BFP8_B: 1088, DType.FLOAT32: 4096}
+ELEMENT_BYTES = {DType.BF16: 2, DType.FLOAT32: 4}  # row-major dtypes (bfloat8_b only exists in tiles)
+L1_ALIGNMENT = 16  # bytes; a row-major page (one pixel's channels) is padded to it
 MAX_CORES = GRID[0] * GRID[1]
 # What one core's buffers and circular buffers may fill: L1 (1,499,136 B) less the firmware region
 # and the 32 KiB l1_small that TtnnBackend reserves; ttnn 0.81.1 reports its L1 banks at this size
@@ -70,26 +74,33 @@ def _largest_divisor(value: int, limit: int) -> int:
     return max(d for d in range(1, min(value, limit) + 1) if value % d == 0)
 
 
-def conv_shard_grid(
-    layout: ShardLayout, nhw_out: int, in_channels: int, out_channels: int, act_block_h: int | None = None
-) -> ShardGrid:
+def is_matmul_conv(spec: Conv2dSpec) -> bool:
+    """A 1x1, stride-1, unpadded conv: ttnn runs it as a matmul on the input shard, without im2col."""
+    return spec.kernel == (1, 1) and spec.stride == (1, 1) and spec.padding == (0, 0)
+
+
+def conv_shard_grid(layout: ShardLayout, spec: Conv2dSpec, nhw_out: int, act_block_h: int | None = None) -> ShardGrid:
     """The output sharding ttnn's conv2d picks (observed in mock mode for ttnn 0.81.1).
 
-    HEIGHT: output rows over up to 64 cores. BLOCK: rows over up to 8 grid rows, channels over the
-    largest divisor (<= 8) of the in- and out-channel tile counts' gcd. WIDTH: output channels over up
-    to 64 cores.
+    HEIGHT: output rows over up to 64 cores. BLOCK: rows over up to 8 grid rows; channels over the
+    largest divisor (<= 8) of the output channel tiles, or for a matmul conv of the gcd of the input
+    and output channel tiles (an im2col conv pads its input channels to fit the columns, a matmul
+    cannot). WIDTH: output channels over up to 64 cores.
     """
     block_tiles = act_block_h // TILE if act_block_h else None
-    cout_padded = round_up(out_channels, TILE)
+    cout_padded = round_up(spec.out_channels, TILE)
     if layout is ShardLayout.HEIGHT:
         cores, per_core = split_tiles(_tiles(nhw_out), MAX_CORES, block_tiles)
         return ShardGrid(layout, cores, 1, per_core * TILE, cout_padded)
     if layout is ShardLayout.BLOCK:
         rows, per_core = split_tiles(_tiles(nhw_out), GRID[1], block_tiles)
-        cols = _largest_divisor(math.gcd(_tiles(in_channels), _tiles(out_channels)), GRID[0])
+        channel_tiles = _tiles(spec.out_channels)
+        if is_matmul_conv(spec):
+            channel_tiles = math.gcd(_tiles(spec.in_channels), channel_tiles)
+        cols = _largest_divisor(channel_tiles, GRID[0])
         return ShardGrid(layout, rows, cols, per_core * TILE, cout_padded // cols)
     if layout is ShardLayout.WIDTH:
-        cores, per_core = split_tiles(_tiles(out_channels), MAX_CORES)
+        cores, per_core = split_tiles(_tiles(spec.out_channels), MAX_CORES)
         return ShardGrid(layout, 1, cores, round_up(nhw_out, TILE), per_core * TILE)
     raise ValueError(f"conv2d needs a sharded layout, got {layout.value}")
 
@@ -180,10 +191,12 @@ def estimate_conv_l1(spec: Conv2dSpec, n: int, h: int, w: int, cfg: OpConfig) ->
     h_out, w_out = spec.output_hw(h, w)
     nhw_out = n * h_out * w_out
     layout = resolve_conv_layout(spec, n * h * w, cfg)
-    grid = conv_shard_grid(layout, nhw_out, spec.in_channels, spec.out_channels, cfg.act_block_h)
+    grid = conv_shard_grid(layout, spec, nhw_out, cfg.act_block_h)
     kh, kw = spec.kernel
     cin = round_up(spec.in_channels, STICK_ALIGN)
-    cin_core = cin if layout is ShardLayout.HEIGHT else round_up(-(-cin // grid.col_cores), STICK_ALIGN)
+    # Off HEIGHT each core's input channels are whole tiles: a 32-channel input split over 2 block
+    # columns still puts 32 channels, not 16, in every core's shard and halo (ttnn 0.81.1, mock mode).
+    cin_core = cin if layout is ShardLayout.HEIGHT else round_up(-(-cin // grid.col_cores), TILE)
     cout_core = grid.shard_cols
     rows_in = n * h * w if layout is ShardLayout.WIDTH else -(-(n * h * w) // grid.row_cores)
     rows_out = nhw_out if layout is ShardLayout.WIDTH else grid.shard_rows
@@ -195,10 +208,12 @@ def estimate_conv_l1(spec: Conv2dSpec, n: int, h: int, w: int, cfg: OpConfig) ->
         "output_shard": _tiles(rows_out) * _tiles(cout_core) * act_tile,
         "bias": _tiles(cout_core) * weight_tile,
     }
-    if spec.kernel == (1, 1) and spec.stride == (1, 1) and spec.padding == (0, 0):
+    if is_matmul_conv(spec):
         # A matmul on the tiled input shard. Off HEIGHT, the inner dim is split over the grid columns:
         # each step multicasts a K block of activations and its weight rows, double-buffered when
-        # there is more than one block.
+        # there is more than one block. With fp32 accumulation the output shard is accumulated in
+        # an fp32 buffer of its own (circular-buffer totals matched to the byte in mock mode; an
+        # im2col conv needs none).
         parts["input_shard"] = _tiles(rows_in) * _tiles(cin_core) * act_tile
         weights = _tiles(cin_core) * _tiles(cout_core) * weight_tile
         if layout is ShardLayout.HEIGHT:
@@ -207,6 +222,8 @@ def estimate_conv_l1(spec: Conv2dSpec, n: int, h: int, w: int, cfg: OpConfig) ->
             buffers = 2 if grid.col_cores > 1 else 1
             parts["weights"] = buffers * weights
             parts["act_mcast"] = buffers * _tiles(act_rows) * _tiles(cin_core) * act_tile
+        if cfg.fp32_acc:
+            parts["fp32_partials"] = _tiles(rows_out) * _tiles(cout_core) * TILE_BYTES[DType.FLOAT32]
         return sum(parts.values()), parts
 
     block_width = round_up(kw * cin_core, TILE)  # one kernel row of the im2col matrix
@@ -268,10 +285,55 @@ def estimate_upsample_l1(nhw: int, channels: int, scale: int, cfg: OpConfig) -> 
     return sum(parts.values()), parts
 
 
-def check_l1(layer: str, estimate: tuple[int, dict[str, int]]) -> None:
-    """Raise ``L1BudgetError`` naming the layer and its largest buffers if the estimate does not fit."""
+def resident_bytes_per_core(t: DeviceTensor) -> int:
+    """The L1 one core gives to a live device tensor: its shard, or its share of an interleaved
+    tensor's pages (a tile each when tiled, a pixel's channels when row-major) over the 64 banks."""
+    if t.memory.buffer != "L1":
+        return 0
+    grid = grid_of(t.memory)
+    if t.layout is Layout.TILE:
+        return tensor_bytes_per_core(grid, t.nhw, t.c, t.dtype)
+    element = ELEMENT_BYTES[t.dtype]
+    if grid is not None:
+        return grid.shard_rows * round_up(grid.shard_cols * element, L1_ALIGNMENT)
+    return -(-t.nhw // MAX_CORES) * round_up(t.c * element, L1_ALIGNMENT)
+
+
+class ResidentTensors:
+    """The device tensors alive now and the L1 each holds on every core, so that an op's estimate
+    can count what other layers' outputs already occupy (a CSP bypass, a skip connection).
+
+    A tensor leaves the set when its last Python reference goes, as ttnn frees a buffer when its
+    Tensor is destroyed (the converted graph drops each value after its last reader), or when an
+    op frees it (``deallocate``). Fragmentation is not modelled: ttnn can fail a layer whose total
+    fits when the free L1 is split into holes.
+    """
+
+    def __init__(self) -> None:
+        self._bytes: dict[int, tuple[weakref.ref, int]] = {}
+
+    def add(self, t: DeviceTensor) -> DeviceTensor:
+        key = id(t)
+        if key not in self._bytes:
+            self._bytes[key] = (weakref.ref(t, lambda _, key=key: self._bytes.pop(key, None)),
+                                resident_bytes_per_core(t))
+        return t
+
+    def discard(self, t: DeviceTensor) -> None:
+        self._bytes.pop(id(t), None)
+
+    def bytes_besides(self, inputs: Iterable[DeviceTensor]) -> int:
+        """Per-core L1 of the live tensors other than ``inputs`` (an op's estimate counts those)."""
+        skip = {id(t) for t in inputs}
+        return sum(size for key, (_, size) in self._bytes.items() if key not in skip)
+
+
+def check_l1(layer: str, estimate: tuple[int, dict[str, int]], resident: int = 0) -> None:
+    """Raise ``L1BudgetError`` naming the layer and its largest buffers if the estimate, on top of
+    ``resident`` bytes per core already held by other live tensors, does not fit."""
     needed, parts = estimate
+    if resident:
+        needed, parts = needed + resident, {**parts, "other live tensors": resident}
     if needed > L1_ALLOCATABLE_BYTES:
         detail = ", ".join(f"{name} {size:,} B" for name, size in sorted(parts.items(), key=lambda kv: -kv[1]))
         raise L1BudgetError(layer, needed, L1_ALLOCATABLE_BYTES, detail)
-

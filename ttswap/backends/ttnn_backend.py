@@ -10,7 +10,7 @@ Behaviour the emulated backend mirrors, as measured against ttnn 0.81.1:
   ``upload`` gives row-major tensors, except bfloat8_b which only exists tiled.
 * **memory.** conv2d shards its output with ``cfg.shard`` (AUTO and INTERLEAVED resolved by
   :func:`ttswap.config.resolve_auto_shard` from the input's N*H*W and in_channels), resharding a
-  sharded input laid out otherwise. max_pool2d keeps a sharded input's layout and grid (an
+  sharded input laid out otherwise. max_pool2d and avg_pool2d keep a sharded input's layout and grid (an
   interleaved input it shards as ``cfg.shard`` says). concat stays sharded when all inputs share one
   height- or block-sharded grid and shard height, else goes through L1 interleaved. add and multiply
   place their output like their first input. upsample, mean and linear produce L1-interleaved
@@ -18,7 +18,8 @@ Behaviour the emulated backend mirrors, as measured against ttnn 0.81.1:
   moves the output there (see :func:`sharded_memory_config`); AUTO keeps what the op produced.
   Outputs are tiled (pools and upsample included) except where ``to_layout`` says otherwise.
 * **activations.** Fused into conv2d: :data:`CONV_FUSED_ACTIVATIONS`; into add:
-  :data:`ELTWISE_FUSED_ACTIVATIONS`. Others run as a separate op after it. Mish fuses into neither
+  :data:`ELTWISE_FUSED_ACTIVATIONS`. Others run as a separate op after it, in place on its output
+  (``output_tensor=``), so that they take no second buffer. Mish fuses into neither
   ("Undefined non-parametrized op type"); leaky_relu and hardswish are refused by the matmul path
   that 1x1 convs take ("Unsupported UnaryOpType for fused activation").
 * **math.** conv2d, linear and mean run with ``cfg.fidelity`` and ``cfg.fp32_acc``; SFPU
@@ -445,17 +446,23 @@ class TtnnBackend(Backend):
         out_h, out_w = spec.output_hw(x.h, x.w)
         result = self._place(out, x.n, out_h, out_w, spec.out_channels, cfg, layer)
         if activation is not None and not fused:
-            result = self.activation(result, activation, cfg, layer)
+            result = self._activate(result, activation, cfg, layer, in_place=True)
         return result
+
+    @staticmethod
+    def _pool_shard_scheme(x: DeviceTensor, cfg: OpConfig) -> Any:
+        """Pools work on their input's shards; an interleaved input they shard as ``cfg.shard`` says
+        (AUTO and INTERLEAVED: by ``resolve_auto_shard``)."""
+        if x.memory.layout is not ShardLayout.INTERLEAVED:
+            return None
+        scheme = cfg.shard
+        if scheme in (ShardLayout.AUTO, ShardLayout.INTERLEAVED):
+            scheme = resolve_auto_shard(x.nhw, x.c)
+        return _MEMORY_LAYOUTS[scheme]
 
     def max_pool2d(self, x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, layer: str) -> DeviceTensor:
         self._check_allocated(layer, x)
-        shard_scheme = None
-        if x.memory.layout is ShardLayout.INTERLEAVED:
-            scheme = cfg.shard
-            if scheme in (ShardLayout.AUTO, ShardLayout.INTERLEAVED):
-                scheme = resolve_auto_shard(x.nhw, x.c)
-            shard_scheme = _MEMORY_LAYOUTS[scheme]
+        shard_scheme = self._pool_shard_scheme(x, cfg)
         with _ttnn_errors(layer, "max_pool2d"):
             out = ttnn.max_pool2d(
                 input_tensor=x.payload,
@@ -471,6 +478,32 @@ class TtnnBackend(Backend):
                 applied_shard_scheme=shard_scheme,
                 dtype=_DTYPES[cfg.act_dtype],
                 output_layout=ttnn.TILE_LAYOUT,
+            )
+        out_h, out_w = spec.output_hw(x.h, x.w)
+        return self._place(out, x.n, out_h, out_w, x.c, cfg, layer)
+
+    def avg_pool2d(self, x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, layer: str, count_include_pad: bool = True,
+                   divisor_override: int | None = None) -> DeviceTensor:
+        self._check_allocated(layer, x)
+        if spec.dilation != (1, 1):
+            raise ValueError(f"layer {layer!r}: avg_pool2d has no dilation, got {spec.dilation}")
+        with _ttnn_errors(layer, "avg_pool2d"):
+            out = ttnn.avg_pool2d(
+                input_tensor=x.payload,
+                batch_size=x.n,
+                input_h=x.h,
+                input_w=x.w,
+                channels=x.c,
+                kernel_size=list(spec.kernel),
+                stride=list(spec.stride),
+                padding=list(spec.padding),
+                ceil_mode=spec.ceil_mode,
+                count_include_pad=count_include_pad,
+                divisor_override=divisor_override,
+                applied_shard_scheme=self._pool_shard_scheme(x, cfg),
+                dtype=_DTYPES[cfg.act_dtype],
+                output_layout=ttnn.TILE_LAYOUT,
+                compute_kernel_config=_compute_config(cfg),
             )
         out_h, out_w = spec.output_hw(x.h, x.w)
         return self._place(out, x.n, out_h, out_w, x.c, cfg, layer)
@@ -548,7 +581,7 @@ class TtnnBackend(Backend):
             )
         result = self._place(out, a.n, a.h, a.w, a.c, cfg, layer)
         if activation is not None and not fused:
-            result = self.activation(result, activation, cfg, layer)
+            result = self._activate(result, activation, cfg, layer, in_place=True)
         return result
 
     def multiply(self, a: DeviceTensor, b: DeviceTensor, cfg: OpConfig, layer: str) -> DeviceTensor:
@@ -576,12 +609,19 @@ class TtnnBackend(Backend):
         return self._place(out, a.n, a.h, a.w, a.c, cfg, layer)
 
     def activation(self, x: DeviceTensor, act: Activation, cfg: OpConfig, layer: str) -> DeviceTensor:
+        return self._activate(x, act, cfg, layer, in_place=False)
+
+    def _activate(self, x: DeviceTensor, act: Activation, cfg: OpConfig, layer: str, in_place: bool) -> DeviceTensor:
+        """``in_place`` overwrites ``x``: for an op's own output (an activation it cannot fuse), which
+        then needs no second buffer, and leaves no hole in L1 when the first would be freed (a hole
+        per unfused mish fragmented YOLOv4's L1 at 640 enough to fail a later conv)."""
         self._check_allocated(layer, x)
+        into = {"output_tensor": x.payload} if in_place else {}
         with _ttnn_errors(layer, act.kind):
             if act.kind == "leaky_relu":
-                out = ttnn.leaky_relu(x.payload, negative_slope=act.param)
+                out = ttnn.leaky_relu(x.payload, negative_slope=act.param, **into)
             else:
-                out = _ACTIVATION_OPS[act.kind](x.payload)
+                out = _ACTIVATION_OPS[act.kind](x.payload, **into)
         return self._place(out, x.n, x.h, x.w, x.c, cfg, layer)
 
     def mean_hw(self, x: DeviceTensor, cfg: OpConfig, layer: str) -> DeviceTensor:

@@ -45,7 +45,8 @@ def build_separable(match: Match, ctx: BuildContext):
     depthwise = make_conv(ctx, dw_info, dw, None, None, ctx.nchw(match.inputs["x"]))
     pointwise = make_conv(ctx, info, pw, bn, norm_activation(bn, act), ctx.nchw(pw_node.args[0]))
     module = SeparableConv(ctx, info, depthwise, pointwise)
-    info.notes = [f"dw {dw.kernel_size[0]}x{dw.kernel_size[1]}/{dw.stride[0]} + {pointwise.info.notes[0]}",
-                  *depthwise.info.notes[1:], *pointwise.info.notes[1:]]
+    info.notes = list(dict.fromkeys([  # both halves carry the recipe's notes: keep one copy
+        f"dw {dw.kernel_size[0]}x{dw.kernel_size[1]}/{dw.stride[0]} + {pointwise.info.notes[0]}",
+        *depthwise.info.notes[1:], *pointwise.info.notes[1:]]))
     info.l1_bytes = max(depthwise.info.l1_bytes or 0, pointwise.info.l1_bytes or 0)
     return module

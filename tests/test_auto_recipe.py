@@ -1,0 +1,152 @@
+"""The auto recipe on a small CNN: it meets its PCC target against torch fp32, is never slower (by the
+cost model) than the most accurate numerics with ttnn's default placement, says per layer what it
+chose and why, and fits layers whose default placement does not fit L1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ttswap
+from ttswap.auto_recipe import LADDER, AutoRecipe, LayerChoice, Rung, _moves, tune
+from ttswap.backends.base import L1_ALLOCATABLE_BYTES
+from ttswap.config import OpConfig
+from ttswap.convert import ConversionError
+from ttswap.cost import estimate
+from ttswap.metrics import pcc
+from ttswap.recipe import Recipe, Rule
+
+SHAPE = (1, 3, 28, 28)
+TOP = Recipe(name="top", defaults=OpConfig(fidelity=LADDER[0].fidelity, weight_dtype=LADDER[0].weight_dtype,
+                                           fp32_acc=LADDER[0].fp32_acc))
+
+
+class Net(nn.Module):
+    """A stem, an SE block, and a 992-channel pre-activation BatchNorm at 14x14: its depthwise 1x1
+    weights do not fit L1 block-sharded (992 channels are 31 tiles, prime: one grid column)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.conv = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.SiLU())
+        self.expand = nn.Conv2d(32, 960, 1)
+        self.norm = nn.BatchNorm2d(992)
+        self.act = nn.ReLU()
+        self.reduce = nn.Conv2d(992, 64, 1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        x = self.act(self.norm(torch.cat([x, self.expand(x)], 1)))
+        return self.fc(self.reduce(x).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():  # trained-looking statistics
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.normal_(0, 0.2)
+    return net
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return torch.randn(3, *SHAPE[1:], generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def tuning(model, samples):
+    return tune(model, SHAPE, AutoRecipe(samples=samples, pcc_target=0.99, max_evaluations=8))
+
+
+@pytest.fixture(scope="module")
+def converted(model, tuning):
+    return ttswap.convert(model, tuning.recipe, input_shape=SHAPE, backend="emulated", cache=False)
+
+
+def test_default_placement_does_not_fit_the_wide_batchnorm(model):
+    with pytest.raises(ConversionError, match="exceed the 1,360,544 B of L1"):
+        ttswap.convert(model, TOP, input_shape=SHAPE, backend="emulated", cache=False)
+
+
+def test_tuned_recipe_meets_its_pcc_target(model, samples, tuning, converted):
+    assert tuning.top_pcc >= 0.995
+    assert tuning.target == pytest.approx(0.99 + 0.005)  # the target plus the default margin
+    with torch.no_grad():
+        want = model(samples)
+    got = torch.cat([converted(samples[i:i + 1]) for i in range(len(samples))])
+    assert pcc(got, want) == pytest.approx(tuning.pcc, abs=1e-9)  # the search measured this very config
+    assert tuning.pcc >= tuning.target
+    assert tuning.evaluations <= 8
+
+
+def test_every_layer_fits_l1_and_is_explained(converted):
+    roots = [r for r in converted.report.records if r.layer and not any(n.startswith("absorbed") for n in r.notes)]
+    assert roots
+    for record in roots:
+        assert any(n.startswith("auto: ") for n in record.notes), record
+        assert record.l1_bytes is None or record.l1_bytes <= L1_ALLOCATABLE_BYTES
+    norm = next(r for r in roots if r.replacement == "batchnorm")
+    assert norm.config.shard.value == "width"  # the layout that fits
+    assert "fitting layouts" in " ".join(norm.notes)
+
+
+def test_no_slower_than_the_most_accurate_rung_with_the_same_layouts(model, tuning, converted):
+    layouts = [Rule(r.match, {k: v for k, v in r.overrides.items() if k in ("shard", "act_block_h")}, r.ops)
+               for r in tuning.recipe.rules]
+    layouts_only = Recipe(name="top", defaults=TOP.defaults, rules=layouts)
+    top = ttswap.convert(model, layouts_only, input_shape=SHAPE, backend="emulated", cache=False)
+    auto_s, top_s = estimate(converted).device_seconds, estimate(top).device_seconds
+    assert auto_s <= top_s
+    total = sum(c.seconds[c.rung] for c in tuning.choices.values())
+    assert total == pytest.approx(auto_s, rel=0.02)  # what the description claims is what the model costs
+
+
+def test_unreachable_target_becomes_relative(model, samples):
+    tuning = tune(model, SHAPE, AutoRecipe(samples=samples[:1], pcc_target=1.0, max_evaluations=3))
+    assert tuning.target == pytest.approx(1 - (1 - tuning.top_pcc) * 1.1)
+    assert "most accurate numerics reach only" in tuning.recipe.description
+    assert tuning.pcc >= tuning.target
+
+
+def test_convert_accepts_auto_by_name_and_as_a_recipe(model, samples):
+    assert isinstance(Recipe.load("auto"), AutoRecipe)
+    converted = ttswap.convert(model, AutoRecipe(samples=samples[:1], max_evaluations=2), input_shape=SHAPE,
+                               backend="emulated", cache=False)
+    assert converted.recipe.description.startswith("auto-tuned for Net")
+    assert converted.report.fallbacks == []
+
+
+def test_samples_must_match_the_input_shape(model):
+    with pytest.raises(ValueError, match="samples have shape"):
+        tune(model, SHAPE, AutoRecipe(samples=torch.zeros(2, 3, 32, 32)))
+
+
+def test_moves_go_down_each_layers_hull_best_value_first():
+    us = 1e-6
+    a = LayerChoice("a", "conv", seconds=[10 * us, 9 * us, 9 * us, 5 * us, 2 * us], errors=[0, 0.01, 0.01, 0.02, 0.2])
+    b = LayerChoice("b", "conv", seconds=[10 * us, 10 * us, 10 * us, 10 * us, 1 * us], errors=[0, 0, 0, 0, 0.01])
+    moves = _moves({("a", "conv"): a, ("b", "conv"): b})
+    # a: to HiFi2 (rung 3) saves 5 us for 4e-4; then LoFi saves 3 us for 0.0396. b: LoFi saves 9 us for 1e-4.
+    assert [(group[0], rung) for group, rung, _ in moves] == [("b", 4), ("a", 3), ("a", 4)]
+    assert [saving / us for _, _, saving in moves] == pytest.approx([9, 5, 3])
+
+
+def test_rungs_run_most_accurate_first():
+    assert LADDER[0] == Rung(LADDER[0].fidelity, LADDER[0].weight_dtype, True)
+    assert [str(r) for r in LADDER] == ["HiFi4 bf16 fp32-acc", "HiFi4 bf16", "HiFi4 bfp8_b", "HiFi2 bfp8_b",
+                                        "LoFi bfp8_b"]
+
+
+def test_tuned_recipe_round_trips_through_its_tables_notes_included(tuning):
+    from ttswap.serialize import recipe_tables
+
+    again = Recipe.from_dict(recipe_tables(tuning.recipe), source="saved")
+    assert [(r.match, r.ops, r.overrides, r.note) for r in again.rules] == \
+        [(r.match, r.ops, r.overrides, r.note) for r in tuning.recipe.rules]
+    assert again.defaults == tuning.recipe.defaults
