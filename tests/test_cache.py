@@ -202,3 +202,23 @@ def test_ttnn_backend_caches_folded_weights(tmp_path, monkeypatch):
     (a,), (b,) = first.device_layers().values(), second.device_layers().values()
     assert torch.equal(ttnn.to_torch(a.weights.weight), ttnn.to_torch(b.weights.weight))
     assert torch.equal(ttnn.to_torch(a.weights.bias), ttnn.to_torch(b.weights.bias))
+
+
+def test_layers_sharing_a_block_get_their_own_names_and_cache_entries(tmp_path):
+    """A timm ResNet block holds conv1/bn1/act1 and conv2/bn2 under one path; each conv must be its
+    own layer, or a cache hit would hand conv2 the weights of conv1."""
+    import timm
+
+    from ttswap.metrics import pcc
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    for _ in range(2):  # miss, then hit
+        converted = ttswap.convert(model, "ese_vovnet", input_shape=(1, 3, 64, 64), backend="emulated", cache=tmp_path)
+        layers = converted.report.layers
+        assert len(layers) == len(set(layers))
+        assert {"layer1.0.conv1", "layer1.0.conv2"} <= set(layers)
+        assert pcc(converted(x), ref) > 0.999

@@ -51,7 +51,7 @@ class BuildContext:
         shape = self.shape(node if node is not None else match.root)
         n, c = shape[0], shape[1]
         nhw = n * (shape[2] * shape[3] if len(shape) == 4 else 1)
-        return self.recipe.resolve(layer_name(match), op, nhw, c, self.input_hw)
+        return self.recipe.resolve(layer_name(match, self.gm), op, nhw, c, self.input_hw)
 
     def grid(self, config, node: fx.Node, sharded: bool = False):
         """The shard grid a tensor of ``node``'s shape gets under ``config``: None when interleaved,
@@ -64,7 +64,7 @@ class BuildContext:
         return tensor_shard_grid(layout, n * h * w, c)
 
     def info(self, match: Match, rewriter: str, resolved: ResolvedConfig | None, **extra) -> LayerInfo:
-        return LayerInfo(layer=layer_name(match), rewriter=rewriter,
+        return LayerInfo(layer=layer_name(match, self.gm), rewriter=rewriter,
                          config=resolved.config if resolved else None,
                          rules=resolved.rules if resolved else (),
                          notes=list(resolved.notes) if resolved else [], **extra)
@@ -110,16 +110,26 @@ def _pattern_size(p: PatternNode) -> int:
     return 1 + sum(_pattern_size(a) for a in (p.args or ()))
 
 
-def layer_name(match: Match) -> str:
-    """The deepest module path shared by every node of the match."""
+def layer_name(match: Match, gm: fx.GraphModule | None = None) -> str:
+    """The deepest module path shared by every node of the match, when that module holds nothing
+    else; otherwise (e.g. a timm ResNet block's conv1/bn1/act1, whose common path "layer1.0" also
+    holds conv2) the path of the match's first node. Layer names must be unique: recipes address
+    layers by them and the weight cache keys on them."""
     scopes = [node_scope(n).split(".") for n in match.nodes]
     common: list[str] = []
     for parts in zip(*scopes):
         if len(set(parts)) != 1:
             break
         common.append(parts[0])
-    return ".".join(common) or match.root.name
-
+    name = ".".join(common)
+    if not name:
+        return node_scope(match.nodes[0])
+    if gm is not None and len(match.nodes) > 1:
+        inside = set(match.nodes)
+        if any(n not in inside and (node_scope(n) + ".").startswith(name + ".") for n in gm.graph.nodes
+               if n.op in ("call_module", "call_function", "call_method")):
+            return node_scope(match.nodes[0])
+    return name
 
 __all__ = ["BuildContext", "Call", "Input", "Match", "Module", "Rewriter", "Unsupported", "register", "rewriters",
            "layer_name"]
