@@ -461,34 +461,20 @@ class TtnnBackend(Backend):
         return _MEMORY_LAYOUTS[scheme]
 
     def max_pool2d(self, x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, layer: str) -> DeviceTensor:
-        self._check_allocated(layer, x)
-        shard_scheme = self._pool_shard_scheme(x, cfg)
-        with _ttnn_errors(layer, "max_pool2d"):
-            out = ttnn.max_pool2d(
-                input_tensor=x.payload,
-                batch_size=x.n,
-                input_h=x.h,
-                input_w=x.w,
-                channels=x.c,
-                kernel_size=list(spec.kernel),
-                stride=list(spec.stride),
-                padding=list(spec.padding),
-                dilation=list(spec.dilation),
-                ceil_mode=spec.ceil_mode,
-                applied_shard_scheme=shard_scheme,
-                dtype=_DTYPES[cfg.act_dtype],
-                output_layout=ttnn.TILE_LAYOUT,
-            )
-        out_h, out_w = spec.output_hw(x.h, x.w)
-        return self._place(out, x.n, out_h, out_w, x.c, cfg, layer)
+        return self._pool(ttnn.max_pool2d, "max_pool2d", x, spec, cfg, layer, dilation=list(spec.dilation))
 
     def avg_pool2d(self, x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, layer: str, count_include_pad: bool = True,
                    divisor_override: int | None = None) -> DeviceTensor:
-        self._check_allocated(layer, x)
         if spec.dilation != (1, 1):
             raise ValueError(f"layer {layer!r}: avg_pool2d has no dilation, got {spec.dilation}")
-        with _ttnn_errors(layer, "avg_pool2d"):
-            out = ttnn.avg_pool2d(
+        return self._pool(ttnn.avg_pool2d, "avg_pool2d", x, spec, cfg, layer, count_include_pad=count_include_pad,
+                          divisor_override=divisor_override, compute_kernel_config=_compute_config(cfg))
+
+    def _pool(self, op, name: str, x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, layer: str, **extra) -> DeviceTensor:
+        """The arguments and output placement ttnn's max and average pools share."""
+        self._check_allocated(layer, x)
+        with _ttnn_errors(layer, name):
+            out = op(
                 input_tensor=x.payload,
                 batch_size=x.n,
                 input_h=x.h,
@@ -498,12 +484,10 @@ class TtnnBackend(Backend):
                 stride=list(spec.stride),
                 padding=list(spec.padding),
                 ceil_mode=spec.ceil_mode,
-                count_include_pad=count_include_pad,
-                divisor_override=divisor_override,
                 applied_shard_scheme=self._pool_shard_scheme(x, cfg),
                 dtype=_DTYPES[cfg.act_dtype],
                 output_layout=ttnn.TILE_LAYOUT,
-                compute_kernel_config=_compute_config(cfg),
+                **extra,
             )
         out_h, out_w = spec.output_hw(x.h, x.w)
         return self._place(out, x.n, out_h, out_w, x.c, cfg, layer)
