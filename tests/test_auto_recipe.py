@@ -12,7 +12,7 @@ import ttswap
 from ttswap.auto_recipe import LADDER, AutoRecipe, LayerChoice, Rung, _moves, tune
 from ttswap.backends.base import L1_ALLOCATABLE_BYTES
 from ttswap.config import OpConfig
-from ttswap.convert import ConversionError
+from ttswap.converter import ConversionError
 from ttswap.cost import estimate
 from ttswap.metrics import pcc
 from ttswap.recipe import Recipe, Rule
@@ -150,3 +150,12 @@ def test_tuned_recipe_round_trips_through_its_tables_notes_included(tuning):
     assert [(r.match, r.ops, r.overrides, r.note) for r in again.rules] == \
         [(r.match, r.ops, r.overrides, r.note) for r in tuning.recipe.rules]
     assert again.defaults == tuning.recipe.defaults
+
+
+def test_tuned_recipe_written_as_a_file_converts_the_same(model, samples, tuning, converted, tmp_path):
+    path = tmp_path / "net.toml"
+    path.write_text(tuning.recipe.to_toml())
+    again = ttswap.convert(model, path, input_shape=SHAPE, backend="emulated", cache=False)
+    assert [(r.layer, r.config) for r in again.report.records] == [(r.layer, r.config) for r in converted.report.records]
+    assert torch.equal(again(samples[:1]), converted(samples[:1]))
+    assert any("auto: " in n for r in again.report.records for n in r.notes)  # the why travels with the file

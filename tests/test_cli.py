@@ -40,6 +40,19 @@ def test_convert_writes_the_report_and_a_loadable_save(tmp_path, capsys):
         assert ttswap.metrics.pcc(loaded(x), loaded.source.model(x)) > 0.99
 
 
+def test_convert_with_auto_saves_the_tuned_recipe_and_converts_from_it(tmp_path, capsys):
+    path = tmp_path / "resnet.toml"
+    model = ["resnet10t", "--input-shape", "1,3,64,64", "--backend", "emulated", "--no-cache", "-q"]
+    assert main(["convert", *model, "--recipe", "auto", "--save-recipe", str(path)]) == 0
+    tuned = capsys.readouterr().out
+    recipe = Recipe.load(path)
+    assert recipe.description.startswith("auto-tuned for ResNet at [1, 3, 64, 64]")
+    assert recipe.rules and all(rule.note.startswith("auto: ") for rule in recipe.rules)
+    assert main(["convert", *model, "--recipe", str(path)]) == 0
+    summary = capsys.readouterr().out.splitlines()[0]
+    assert summary.split("; converted in")[0] == tuned.splitlines()[0].split("; converted in")[0]
+
+
 def test_compare_on_a_timm_model_writes_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out_json, out_png = tmp_path / "cmp.json", tmp_path / "pcc.png"

@@ -28,7 +28,7 @@ from ttswap.backends import tenstorrent_device_present
 from ttswap.backends.base import L1_ALLOCATABLE_BYTES, L1BudgetError
 from ttswap.calibration import recalibrate_batchnorm, sample_batch
 from ttswap.config import Conv2dSpec, Layout, OpConfig, ShardLayout
-from ttswap.convert import ConversionError
+from ttswap.converter import ConversionError
 from ttswap.crosscheck import CrossCheckError, LockstepBackend, crosscheck
 from ttswap.metrics import pcc
 from ttswap.models.yolov4 import YOLOv4

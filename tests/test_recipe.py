@@ -110,3 +110,32 @@ def test_recipe_file_path_loads(tmp_path):
     recipe = Recipe.load(path)
     assert recipe.name == "demo" and recipe.source == str(path)
     assert recipe.to_dict()["rules"][1] == {"match": "stages.3.*", "ops": ["conv"], "fidelity": "HiFi4", "act_block_h": 64}
+
+
+def _rule_fields(rules):
+    return [(r.match, r.overrides, r.ops, r.note) for r in rules]
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_shipped_recipes_survive_writing_and_reading_back(name):
+    recipe = Recipe.load(name)
+    again = Recipe.from_toml(recipe.to_toml(), "again.toml")
+    assert (again.name, again.description, again.input_shape, again.bfp8_guard, again.defaults) == \
+        (recipe.name, recipe.description, recipe.input_shape, recipe.bfp8_guard, recipe.defaults)
+    assert _rule_fields(again.rules) == _rule_fields(recipe.rules)
+    assert {k: _rule_fields(v) for k, v in again.resolutions.items()} == \
+        {k: _rule_fields(v) for k, v in recipe.resolutions.items()}
+
+
+def test_default_act_block_h_undoes_a_wider_rule_and_is_written_back():
+    text = GOOD + '\n[[rules]]\nmatch = "stages.3.conv"\nact_block_h = "default"\nnote = "ttnn\'s \\"own\\" choice"\n'
+    recipe = Recipe.from_toml(text, "mine.toml")
+    assert recipe.resolve("stages.3.other", "conv", 4096, 64).config.act_block_h == 64
+    assert recipe.resolve("stages.3.conv", "conv", 4096, 64).config.act_block_h is None
+    written = recipe.to_toml()
+    assert 'act_block_h = "default"' in written
+    again = Recipe.from_toml(written, "again.toml")
+    assert _rule_fields(again.rules) == _rule_fields(recipe.rules)
+    assert again.rules[-1].note == 'ttnn\'s "own" choice'
+    with pytest.raises(RecipeError, match="'act_block_h'.*'default'"):
+        Recipe.from_toml('[[rules]]\nmatch = "x"\nact_block_h = "auto"\n', "bad.toml")

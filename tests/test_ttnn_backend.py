@@ -121,6 +121,21 @@ def test_conv2d_output_placement(backend, in_shape, out_channels, kernel, stride
     assert prepared.device_weights[0].dtype == weights_dtype
 
 
+@pytest.mark.parametrize("groups", [1, 4, 128])
+def test_grouped_conv_weights_are_prepared_as_one_dense_matrix(backend, groups):
+    # ttswap.cost prices a depthwise conv as a dense one because ttnn 0.81.1 does this: its 2D grouped
+    # path expands the weights block-diagonally to [kh*kw*C_in, C_out] (its depthwise kernel is 1D only)
+    from ttswap.cost import conv2d_cost
+
+    x = upload(backend, 1, 128, 28, 28)
+    cfg = KEEP.replace(shard=HEIGHT, deallocate=False)
+    _, prepared = conv(backend, x, 128, kernel=3, groups=groups, cfg=cfg)
+    assert tuple(prepared.device_weights[0].padded_shape) == (1, 1, 9 * 128, 128)
+    dense = Conv2dSpec(128, 128, (3, 3), (1, 1), (1, 1))
+    grouped = Conv2dSpec(128, 128, (3, 3), (1, 1), (1, 1), groups=groups)
+    assert [c.seconds for c in conv2d_cost(x, grouped, cfg)] == [c.seconds for c in conv2d_cost(x, dense, cfg)]
+
+
 def test_conv2d_1x1_with_bias_and_bfp8_output(backend):
     import ttnn
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import ttswap
 from ttswap.calibration import make_batchnorm_ill_conditioned, recalibrate_batchnorm, sample_batch
-from ttswap.convert import ConversionError
+from ttswap.converter import ConversionError
 from ttswap.metrics import pcc
 from ttswap.recipe import Recipe
 

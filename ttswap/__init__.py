@@ -7,7 +7,7 @@
 
 from ttswap.config import Activation, DType, Fidelity, OpConfig, ShardLayout
 from ttswap.compare import compare
-from ttswap.convert import ConversionError, ConvertedModel, convert
+from ttswap.converter import ConversionError, ConvertedModel, convert
 from ttswap.recipe import Recipe, RecipeError, shipped_recipes
 from ttswap.serialize import load
 

@@ -241,7 +241,7 @@ def tune(model: nn.Module, input_shape: tuple[int, ...], settings: AutoRecipe | 
 
 
 def _convert(model: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], backend: EmulatedBackend):
-    from ttswap.convert import convert
+    from ttswap.converter import convert
 
     # throwaway conversions for the search: the weight cache would only fill up with them
     return convert(model, recipe, input_shape=input_shape, backend=backend, cache=False)
@@ -252,7 +252,7 @@ def _observe_baseline(model: nn.Module, base: Recipe, input_shape: tuple[int, ..
     the top rung with ttnn's default placement, on a backend that does not enforce L1 (layouts that
     fit are chosen afterwards, per layer). Where even the conversion's static estimates exceed L1,
     the smallest buffers instead: bfloat8_b weights, 32-row act blocks, bf16 accumulation."""
-    from ttswap.convert import ConversionError
+    from ttswap.converter import ConversionError
 
     error: Exception | None = None
     for recipe in (base, base.override(weight_dtype="bfp8_b", act_block_h=32, fp32_acc=False)):

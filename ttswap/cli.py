@@ -2,6 +2,7 @@
 
     ttswap recipes
     ttswap convert ese_vovnet19b_dw --recipe ese_vovnet --input-shape 1,3,224,224 --report report.json
+    ttswap convert resnet18 --recipe auto --input-shape 1,3,224,224 --save-recipe resnet18.toml
     ttswap convert ttswap.models.yolov4:YOLOv4 --recipe yolov4 --weights yolov4.weights --save yolov4.safetensors
     ttswap compare ttswap.models.yolov4:YOLOv4 --recipe yolov4 --json compare.json --plot pcc.png
     ttswap bench ese_vovnet19b_dw --recipe ese_vovnet
@@ -72,6 +73,10 @@ def _convert(args: argparse.Namespace) -> None:
     if args.save:
         converted.save(args.save, model_ref=args.model, model_kwargs=args.model_kwargs)
         log.info("saved the converted model to %s (ttswap.load reads it)", args.save)
+    if args.save_recipe:
+        Path(args.save_recipe).write_text(converted.recipe.to_toml())
+        log.info("wrote the recipe it used to %s (--recipe %s converts with it, no tuning)", args.save_recipe,
+                 args.save_recipe)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -109,7 +114,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _model_and_conversion(args: argparse.Namespace):
-    from ttswap.convert import convert
+    from ttswap.converter import convert
     from ttswap.recipe import Recipe
     from ttswap.serialize import build_model
 
@@ -228,6 +233,8 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--report", metavar="FILE", help="write the conversion report as JSON")
     convert.add_argument("--table", action="store_true", help="print the whole per-node table, not the summary")
     convert.add_argument("--save", metavar="FILE", help="save the conversion (ttswap.load reads it)")
+    convert.add_argument("--save-recipe", metavar="FILE.toml",
+                         help="write the recipe the conversion used as a recipe file (with --recipe auto: the tuned one)")
     convert.set_defaults(run=_convert)
 
     compare = commands.add_parser("compare", parents=[model], help="per-layer PCC and error against torch fp32")

@@ -36,7 +36,7 @@ from torch import nn
 from ttswap.backends.base import DeviceTensor
 from ttswap.cache import weights_digest
 from ttswap.config import OpConfig
-from ttswap.convert import ConvertedModel
+from ttswap.converter import ConvertedModel
 from ttswap.metrics import pcc
 from ttswap.modules import Download, TTModule, Upload
 from ttswap.trace import trace

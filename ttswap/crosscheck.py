@@ -280,7 +280,7 @@ def crosscheck(
 ) -> CrossCheckResult:
     """Convert ``model`` once for both backends, run ``inputs`` (default: a seeded random image)
     through it, and compare every op. Conversion errors propagate; run errors end up in ``.error``."""
-    from ttswap.convert import convert  # late: convert imports the patterns, which import much of ttswap
+    from ttswap.converter import convert  # late: convert imports the patterns, which import much of ttswap
 
     backend = LockstepBackend(_backend(reference), _backend(checked), stop_at_first=stop_at_first)
     converted = convert(model, recipe, input_shape=tuple(input_shape), backend=backend)

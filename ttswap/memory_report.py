@@ -32,7 +32,7 @@ from torch import nn
 from ttswap.modules import Download, TTModule, Upload
 
 if TYPE_CHECKING:
-    from ttswap.convert import ConvertedModel
+    from ttswap.converter import ConvertedModel
 
 
 @dataclass

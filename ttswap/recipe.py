@@ -15,10 +15,11 @@ A recipe is TOML::
     match = "stages.3.*"                # fnmatch glob over the layer's module path
     op = "conv"                         # optional: only layers made by these rewriters
     shard = "block"
+    act_block_h = "default"             # a multiple of 32, or "default": ttnn chooses (undoes a wider rule)
     note = "why this rule"              # optional: shown in the report of the layers it sets
 
 The name ``"auto"`` loads ``ttswap.auto_recipe.AutoRecipe``, which tunes a recipe per model
-(``Recipe.for_model``).
+(``Recipe.for_model``); ``Recipe.to_toml`` writes any recipe, a tuned one included, back as a file.
 
     [resolutions."640x640"]             # optional: rules that apply only at this input size
     rules = [{ match = "down1.*", act_block_h = 64 }]
@@ -38,6 +39,8 @@ from typing import Any, Iterable
 
 from ttswap.config import DType, Fidelity, OpConfig, ShardLayout, resolve_auto_shard
 
+import tomli_w
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -52,6 +55,7 @@ _FIELD_TYPES: dict[str, Any] = {
     "act_block_h": int,
     "deallocate": bool,
 }
+DEFAULT_ACT_BLOCK_H = "default"  # how a recipe file spells act_block_h=None: ttnn's own choice
 _ENUM_ALIASES = {"bfloat8_b": "bfp8_b", "bfloat16": "bf16", "float32": "fp32", "lofi": "LoFi", "hifi2": "HiFi2",
                  "hifi3": "HiFi3", "hifi4": "HiFi4"}
 
@@ -71,8 +75,11 @@ def parse_overrides(raw: dict[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(value, bool):
                 raise RecipeError(f"{where}: field {key!r} must be true or false, got {value!r}")
         elif kind is int:
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 32):
-                raise RecipeError(f"{where}: field {key!r} must be a positive multiple of 32, got {value!r}")
+            if value == DEFAULT_ACT_BLOCK_H:
+                value = None
+            elif value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 32):
+                raise RecipeError(f"{where}: field {key!r} must be a positive multiple of 32 or "
+                                  f"{DEFAULT_ACT_BLOCK_H!r}, got {value!r}")
         else:
             text = _ENUM_ALIASES.get(str(value).lower(), value)
             try:
@@ -205,6 +212,24 @@ class Recipe:
         if input_hw is not None:
             yield from self.resolutions.get(f"{input_hw[0]}x{input_hw[1]}", [])
 
+    def to_toml(self) -> str:
+        """This recipe as a recipe file: ``Recipe.from_toml(r.to_toml())`` configures every layer as
+        ``r`` does. How a tuned ``"auto"`` recipe becomes a file to ship, read and edit."""
+        head: dict[str, Any] = {"name": self.name}
+        if self.description:
+            head["description"] = self.description
+        if self.input_shape:
+            head["input_shape"] = list(self.input_shape)
+        if self.bfp8_guard is not None:
+            head["bfp8_guard"] = self.bfp8_guard
+        data: dict[str, Any] = {"recipe": head,
+                                "defaults": {k: v for k, v in self.defaults.to_dict().items() if v is not None}}
+        if self.rules:
+            data["rules"] = [_rule_table(r) for r in self.rules]
+        if self.resolutions:
+            data["resolutions"] = {hw: {"rules": [_rule_table(r) for r in rules]} for hw, rules in self.resolutions.items()}
+        return tomli_w.dumps(data)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -219,6 +244,18 @@ class Recipe:
 
 def _rule_dict(rule: Rule) -> dict[str, Any]:
     return {"match": rule.match, "ops": list(rule.ops), **_plain(rule.overrides), **({"note": rule.note} if rule.note else {})}
+
+
+def _rule_table(rule: Rule) -> dict[str, Any]:
+    """A rule as the file format spells it (``from_dict`` reads it back)."""
+    table: dict[str, Any] = {"match": rule.match}
+    if rule.ops:
+        table["op"] = list(rule.ops)
+    for key, value in _plain(rule.overrides).items():
+        table[key] = DEFAULT_ACT_BLOCK_H if value is None else value
+    if rule.note:
+        table["note"] = rule.note
+    return table
 
 
 def _plain(overrides: dict[str, Any]) -> dict[str, Any]:

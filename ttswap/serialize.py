@@ -41,7 +41,7 @@ from ttswap.recipe import Recipe
 from ttswap.report import ConversionReport
 
 if TYPE_CHECKING:
-    from ttswap.convert import ConvertedModel
+    from ttswap.converter import ConvertedModel
 
 FORMAT = 1
 _IMPORT_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -167,7 +167,7 @@ def load(path: str | Path, *, backend: str = "auto", cache: "bool | str | Path" 
     from safetensors.torch import load_model
 
     import ttswap
-    from ttswap.convert import convert
+    from ttswap.converter import convert
 
     path = Path(path)
     if not path.is_file():

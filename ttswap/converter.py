@@ -1,4 +1,4 @@
-"""``ttswap.convert``: trace, match patterns, build device layers, and chain them on the device."""
+"""``ttswap.converter``: trace, match patterns, build device layers, and chain them on the device."""
 
 from __future__ import annotations
 
