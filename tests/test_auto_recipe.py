@@ -159,3 +159,19 @@ def test_tuned_recipe_written_as_a_file_converts_the_same(model, samples, tuning
     assert [(r.layer, r.config) for r in again.report.records] == [(r.layer, r.config) for r in converted.report.records]
     assert torch.equal(again(samples[:1]), converted(samples[:1]))
     assert any("auto: " in n for r in again.report.records for n in r.notes)  # the why travels with the file
+
+
+@pytest.mark.ttnn_mock
+def test_tuned_layouts_fit_l1_on_ttnn_itself(model, tuning, converted):
+    # the tuner checks L1 with the emulated estimate; ttnn's allocator has the last word
+    pytest.importorskip("ttnn", reason="ttnn is not installed (pip install 'ttswap[tt]')")
+    from ttswap.mock import ensure_mock_mode
+
+    ensure_mock_mode()
+    on_ttnn = ttswap.convert(model, tuning.recipe, input_shape=SHAPE, backend="ttnn", cache=False)
+    try:
+        assert on_ttnn(torch.zeros(SHAPE)).shape == (1, 10)  # raises, naming the layer, where L1 overflows
+        assert [(r.layer, r.config) for r in on_ttnn.report.records] == \
+            [(r.layer, r.config) for r in converted.report.records]
+    finally:
+        on_ttnn.backend.close()

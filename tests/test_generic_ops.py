@@ -15,6 +15,7 @@ from ttswap.backends.base import DeviceTensor
 from ttswap.backends.emulated import EmulatedBackend
 from ttswap.backends.numerics import round_bf16
 from ttswap.config import DType, Fidelity, OpConfig, Pool2dSpec, ShardLayout
+from ttswap.cost import pool2d_cost
 from ttswap.metrics import pcc
 from ttswap.recipe import Recipe
 
@@ -265,33 +266,94 @@ def test_whole_tensor_slice_is_a_view_and_a_real_slice_falls_back():
     assert [r.op for r in part.report.records if r.replacement == "torch"] == ["getitem"]
 
 
+def test_pool_of_an_interleaved_input_runs_on_the_cores_of_its_output_rows():
+    """The emulated backend and the cost model place an interleaved pool input alike (the
+    ttnn_mock cases below pin the rule against ttnn): 27x27 pooled to 14x14 is 7 tiles of rows."""
+    backend = EmulatedBackend()
+    cfg = OpConfig(shard=ShardLayout.AUTO, deallocate=False)
+    spec = Pool2dSpec((2, 2), (2, 2), ceil_mode=True)
+    x = backend.upload(torch.randn(1, 64, 27, 27), cfg, "in")
+    y = backend.max_pool2d(x, spec, cfg, "pool")
+    assert (y.memory.layout, y.memory.num_cores, y.memory.shard_shape) == (ShardLayout.HEIGHT, 7, (32, 64))
+    # sharding it reads the interleaved pages from all 64 banks
+    assert {c.op: c.cores for c in pool2d_cost(x, spec, cfg)} == {"shard input": 64, "halo": 7, "max_pool2d": 7}
+
+
 # -- ttnn in mock mode -------------------------------------------------------------------------------
 
 
-@pytest.mark.ttnn_mock
-@pytest.mark.parametrize("sharded", [
-    True,
-    # ttnn shards an interleaved pool input by its output rows (14x14 out: 7 cores); the emulated
-    # backend, for max_pool2d and avg_pool2d alike, by its input rows (27x27 in: 23 cores)
-    pytest.param(False, marks=pytest.mark.xfail(
-        strict=True, reason="emulated pools shard an interleaved input by input rows")),
-])
-def test_ttnn_avg_pool2d_places_its_output_like_the_emulated_backend(sharded):
+@pytest.fixture(scope="module")
+def ttnn_backend():
     pytest.importorskip("ttnn", reason="ttnn is not installed (pip install 'ttswap[tt]')")
     from ttswap.backends.ttnn_backend import TtnnBackend
 
-    ttnn_backend, emulated = TtnnBackend(), EmulatedBackend()
-    try:
-        cfg = OpConfig(shard=ShardLayout.AUTO, deallocate=False)
-        spec = Pool2dSpec((2, 2), (2, 2), ceil_mode=True)
-        results = []
-        for backend in (ttnn_backend, emulated):
-            x: DeviceTensor = backend.upload(torch.randn(1, 64, 27, 27), cfg, "in")
-            if sharded:
-                x = backend.to_memory(x, ShardLayout.HEIGHT, "in")
-            y = backend.avg_pool2d(x, spec, cfg, "pool", count_include_pad=False)
-            results.append((y.n, y.h, y.w, y.c, y.dtype, y.layout, y.memory))
-        assert results[0] == results[1]
-        assert results[0][1:3] == (14, 14)
-    finally:
-        ttnn_backend.close()
+    backend = TtnnBackend()
+    yield backend
+    backend.close()
+
+
+def pool_placement(backend, x: torch.Tensor, op: str, spec: Pool2dSpec, cfg: OpConfig, sharded: bool = False) -> tuple:
+    """Where a pool of ``x`` (uploaded interleaved, or height-sharded first) leaves its output."""
+    t: DeviceTensor = backend.upload(x, cfg, "in")
+    if sharded:
+        t = backend.to_memory(t, ShardLayout.HEIGHT, "in")
+    if op == "max":
+        y = backend.max_pool2d(t, spec, cfg, "pool")
+    else:
+        y = backend.avg_pool2d(t, spec, cfg, "pool", count_include_pad=False)
+    return y.n, y.h, y.w, y.c, y.dtype, y.layout, y.memory
+
+
+@pytest.mark.ttnn_mock
+@pytest.mark.parametrize("sharded", [True, False])
+def test_ttnn_avg_pool2d_places_its_output_like_the_emulated_backend(ttnn_backend, sharded):
+    cfg = OpConfig(shard=ShardLayout.AUTO, deallocate=False)
+    spec = Pool2dSpec((2, 2), (2, 2), ceil_mode=True)
+    x = torch.randn(1, 64, 27, 27)
+    got = pool_placement(ttnn_backend, x, "avg", spec, cfg, sharded)
+    assert got == pool_placement(EmulatedBackend(), x, "avg", spec, cfg, sharded)
+    assert got[1:3] == (14, 14)
+
+
+_AUTO, _H, _B, _W = ShardLayout.AUTO, ShardLayout.HEIGHT, ShardLayout.BLOCK, ShardLayout.WIDTH
+
+# Interleaved pool inputs as measured against ttnn 0.81.1 in mock mode: (N, H=W, C, kernel, stride,
+# padding, ceil_mode, cfg.shard, act dtype). ttnn shards them over the cores their output rows
+# need; the comments give those, and in brackets the cores the input rows would have filled.
+# bfloat8_b uploads tiled, bfloat16 row-major: both input layouts take the same path.
+INTERLEAVED_POOLS = [
+    pytest.param(1, 27, 64, 2, 2, 0, True, _AUTO, DType.BF16, id="27-2x2-ceil"),  # HEIGHT 7 (23)
+    pytest.param(1, 27, 64, 2, 2, 0, False, _AUTO, DType.BF16, id="27-2x2-floor"),  # HEIGHT 6 (23)
+    pytest.param(1, 27, 64, 3, 2, 0, True, _AUTO, DType.BFP8_B, id="27-3x3-ceil-bfp8"),  # HEIGHT 6 (23)
+    pytest.param(2, 27, 64, 2, 2, 0, True, _AUTO, DType.BF16, id="2x27-2x2-ceil"),  # HEIGHT 13 (46)
+    pytest.param(1, 28, 48, 2, 2, 0, False, _AUTO, DType.BF16, id="28-c48"),  # HEIGHT 7 (25), 64 wide
+    pytest.param(1, 56, 128, 3, 2, 1, False, _AUTO, DType.BF16, id="56-3x3-pad"),  # HEIGHT 25 (49)
+    pytest.param(1, 112, 64, 3, 2, 1, False, _AUTO, DType.BF16, id="112-3x3-pad"),  # HEIGHT 49 x 64 rows (56)
+    pytest.param(1, 130, 64, 2, 2, 0, True, _AUTO, DType.BF16, id="130-2x2-ceil"),  # HEIGHT 45 x 96 rows (59)
+    pytest.param(1, 27, 512, 2, 2, 0, True, _AUTO, DType.BF16, id="27-c512"),  # BLOCK 7 rows x 8 (8 x 8)
+    pytest.param(1, 56, 512, 3, 2, 0, True, _AUTO, DType.BF16, id="56-c512"),  # BLOCK 7 rows of 4 tiles (8)
+    pytest.param(1, 13, 1024, 2, 2, 0, True, _AUTO, DType.BF16, id="13-c1024"),  # BLOCK 2 rows x 8 (6 x 8)
+    pytest.param(1, 13, 1024, 3, 2, 1, False, _AUTO, DType.BFP8_B, id="13-c1024-bfp8"),  # BLOCK 2 x 8 (6 x 8)
+    pytest.param(1, 28, 160, 3, 2, 1, True, _AUTO, DType.BF16, id="28-c160"),  # BLOCK 8 rows x 5 (7 x 5)
+    pytest.param(1, 27, 64, 2, 2, 0, True, _B, DType.BF16, id="27-block"),  # BLOCK 7 rows x 2 (8 x 2)
+    pytest.param(1, 34, 320, 2, 2, 0, False, _B, DType.BF16, id="34-block"),  # BLOCK 5 rows x 5 (8 x 5)
+    pytest.param(1, 13, 1024, 3, 2, 1, False, _H, DType.BF16, id="13-c1024-height"),  # HEIGHT 2 (6)
+    pytest.param(1, 13, 512, 5, 1, 2, False, _AUTO, DType.BF16, id="13-5x5-s1"),  # BLOCK 6 x 8: out = in
+    pytest.param(1, 7, 1024, 2, 2, 0, True, _AUTO, DType.BF16, id="7-c1024"),  # WIDTH 32, rows unsplit
+    pytest.param(1, 14, 2080, 2, 2, 0, False, _AUTO, DType.BF16, id="14-c2080"),  # WIDTH 13 x 5 tiles
+    pytest.param(1, 27, 64, 2, 2, 0, True, _W, DType.BF16, id="27-width"),  # WIDTH 2
+]
+
+
+@pytest.mark.ttnn_mock
+@pytest.mark.parametrize("op", ["max", "avg"])
+@pytest.mark.parametrize("n, size, channels, kernel, stride, padding, ceil_mode, shard, dtype", INTERLEAVED_POOLS)
+def test_ttnn_pools_shard_an_interleaved_input_like_the_emulated_backend(
+    ttnn_backend, op, n, size, channels, kernel, stride, padding, ceil_mode, shard, dtype
+):
+    cfg = OpConfig(shard=shard, act_dtype=dtype, deallocate=False)
+    spec = Pool2dSpec((kernel, kernel), (stride, stride), (padding, padding), ceil_mode=ceil_mode)
+    x = torch.randn(n, channels, size, size)
+    got = pool_placement(ttnn_backend, x, op, spec, cfg)
+    assert got == pool_placement(EmulatedBackend(), x, op, spec, cfg)
+    assert got[1:3] == spec.output_hw(size, size)

@@ -54,6 +54,7 @@ from ttswap.backends.l1 import (
     conv_shard_grid,
     grid_of,
     is_matmul_conv,
+    pool_input_grid,
     pool_shard_grid,
     resolve_conv_layout,
     tensor_shard_grid,
@@ -71,7 +72,7 @@ from ttswap.config import (
 from ttswap.modules import Download, TTModule, Upload
 
 if TYPE_CHECKING:
-    from ttswap.convert import ConvertedModel
+    from ttswap.converter import ConvertedModel
 
 
 @dataclass(frozen=True)
@@ -269,10 +270,9 @@ def pool2d_cost(x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, hw: WormholeN1
     grid = _grid(x)
     h_out, w_out = spec.output_hw(x.h, x.w)
     if grid is None:
-        # ttnn 0.81.1 (mock mode) spreads an interleaved input over the cores its output rows need
+        # over the cores its output rows need, as the backends place it (see pool_input_grid)
         layout = cfg.shard if cfg.shard not in (ShardLayout.AUTO, ShardLayout.INTERLEAVED) else None
-        by_output = tensor_shard_grid(layout or resolve_auto_shard(x.nhw, x.c), x.n * h_out * w_out, x.c)
-        grid = dataclasses.replace(by_output, shard_rows=round_up(-(-x.nhw // by_output.row_cores), TILE))
+        grid = pool_input_grid(layout or resolve_auto_shard(x.nhw, x.c), x.nhw, x.n * h_out * w_out, x.c)
         costs.append(reshard_cost(x, grid, hw, "shard input"))
     out = pool_shard_grid(grid, x.n * h_out * w_out)
     width = round_up(grid.shard_cols, STICK_ALIGN)

@@ -217,9 +217,9 @@ class EmulatedBackend(Backend):
         return out
 
     def max_pool2d(self, x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, layer: str) -> DeviceTensor:
-        grid = self._pool_input_grid(x, cfg)
-        self._check_l1(layer, l1.estimate_pool_l1(spec, x.n, x.h, x.w, x.c, grid, cfg), x)
         h_out, w_out = spec.output_hw(x.h, x.w)
+        grid = self._pool_input_grid(x, x.n * h_out * w_out, cfg)
+        self._check_l1(layer, l1.estimate_pool_l1(spec, x.n, x.h, x.w, x.c, grid, cfg), x)
         y = F.max_pool2d(
             x.payload.permute(0, 3, 1, 2), spec.kernel, spec.stride, spec.padding, spec.dilation, spec.ceil_mode
         ).permute(0, 2, 3, 1)
@@ -233,9 +233,9 @@ class EmulatedBackend(Backend):
                    divisor_override: int | None = None) -> DeviceTensor:
         if spec.dilation != (1, 1):
             raise ValueError(f"layer {layer!r}: avg_pool2d has no dilation, got {spec.dilation}")
-        grid = self._pool_input_grid(x, cfg)
-        self._check_l1(layer, l1.estimate_pool_l1(spec, x.n, x.h, x.w, x.c, grid, cfg), x)
         h_out, w_out = spec.output_hw(x.h, x.w)
+        grid = self._pool_input_grid(x, x.n * h_out * w_out, cfg)
+        self._check_l1(layer, l1.estimate_pool_l1(spec, x.n, x.h, x.w, x.c, grid, cfg), x)
 
         def pool(images: torch.Tensor, divisor: int | None) -> torch.Tensor:
             return F.avg_pool2d(images, spec.kernel, spec.stride, spec.padding, spec.ceil_mode, count_include_pad,
@@ -377,13 +377,14 @@ class EmulatedBackend(Backend):
         return self.to_memory(t, cfg.shard, layer)
 
     @staticmethod
-    def _pool_input_grid(x: DeviceTensor, cfg: OpConfig) -> l1.ShardGrid:
-        """max_pool2d works on its input's shards; an interleaved input it shards as ``cfg.shard``
-        says (AUTO and INTERLEAVED: by ``resolve_auto_shard``)."""
+    def _pool_input_grid(x: DeviceTensor, nhw_out: int, cfg: OpConfig) -> l1.ShardGrid:
+        """Pools work on their input's shards; an interleaved input they shard as ``cfg.shard`` says
+        (AUTO and INTERLEAVED: by ``resolve_auto_shard`` of the input, as TtnnBackend asks), over the
+        cores ttnn sizes from the output rows (``l1.pool_input_grid``)."""
         grid = l1.grid_of(x.memory)
         if grid is not None:
             return grid
         layout = cfg.shard
         if layout in (ShardLayout.AUTO, ShardLayout.INTERLEAVED):
             layout = resolve_auto_shard(x.nhw, x.c)
-        return l1.tensor_shard_grid(layout, x.nhw, x.c)
+        return l1.pool_input_grid(layout, x.nhw, nhw_out, x.c)

@@ -136,6 +136,22 @@ def pool_shard_grid(input_grid: ShardGrid, nhw_out: int) -> ShardGrid:
     return dataclasses.replace(input_grid, shard_rows=round_up(rows, TILE))
 
 
+def pool_input_grid(layout: ShardLayout, nhw_in: int, nhw_out: int, channels: int) -> ShardGrid:
+    """How max_pool2d and avg_pool2d shard an interleaved input as ``layout`` (HEIGHT, BLOCK or WIDTH):
+    over the cores ``to_memory`` would give their output rows, each core taking its share of the input
+    rows (counted in whole tiles, as the L1 and cost estimates count bytes).
+
+    ttnn 0.81.1 sizes a pool's grid from its output shape, as conv2d does: its sliding-window ops split
+    the output rows over the cores and give each the input rows they read. So a 27x27 input pooled
+    2x2/2 to 14x14 (7 tiles of rows) runs on 7 cores, not the 23 its input rows would fill (measured
+    in mock mode for HEIGHT, BLOCK and WIDTH, max and avg, ceil and floor; tests/test_generic_ops.py
+    pins the cases against ttnn). ``pool_shard_grid`` of this grid gives back
+    ``tensor_shard_grid(layout, nhw_out, channels)``.
+    """
+    by_output = tensor_shard_grid(layout, nhw_out, channels)
+    return dataclasses.replace(by_output, shard_rows=round_up(-(-nhw_in // by_output.row_cores), TILE))
+
+
 def grid_of(memory: MemorySpec) -> ShardGrid | None:
     """The ShardGrid a MemorySpec describes; None for an interleaved tensor."""
     if memory.layout is ShardLayout.INTERLEAVED or memory.shard_shape is None:

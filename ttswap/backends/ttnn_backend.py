@@ -10,11 +10,11 @@ Behaviour the emulated backend mirrors, as measured against ttnn 0.81.1:
   ``upload`` gives row-major tensors, except bfloat8_b which only exists tiled.
 * **memory.** conv2d shards its output with ``cfg.shard`` (AUTO and INTERLEAVED resolved by
   :func:`ttswap.config.resolve_auto_shard` from the input's N*H*W and in_channels), resharding a
-  sharded input laid out otherwise. max_pool2d and avg_pool2d keep a sharded input's layout and grid (an
-  interleaved input it shards as ``cfg.shard`` says). concat stays sharded when all inputs share one
-  height- or block-sharded grid and shard height, else goes through L1 interleaved. add and multiply
-  place their output like their first input. upsample, mean and linear produce L1-interleaved
-  tensors. Then, for every op, an explicit HEIGHT / BLOCK / WIDTH / INTERLEAVED in ``cfg.shard``
+  sharded input laid out otherwise. max_pool2d and avg_pool2d keep a sharded input's layout and grid
+  (an interleaved input ttnn shards as ``cfg.shard`` says, over the cores its output rows need).
+  concat stays sharded when all inputs share one height- or block-sharded grid and shard height,
+  else goes through L1 interleaved. add and multiply place their output like their first input.
+  upsample, mean and linear produce L1-interleaved tensors. Then, for every op, an explicit HEIGHT / BLOCK / WIDTH / INTERLEAVED in ``cfg.shard``
   moves the output there (see :func:`sharded_memory_config`); AUTO keeps what the op produced.
   Outputs are tiled (pools and upsample included) except where ``to_layout`` says otherwise.
 * **activations.** Fused into conv2d: :data:`CONV_FUSED_ACTIVATIONS`; into add:
