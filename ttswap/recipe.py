@@ -249,8 +249,8 @@ def _rule_dict(rule: Rule) -> dict[str, Any]:
 def _rule_table(rule: Rule) -> dict[str, Any]:
     """A rule as the file format spells it (``from_dict`` reads it back)."""
     table: dict[str, Any] = {"match": rule.match}
-    if rule.ops:
-        table["op"] = list(rule.ops)
+    if rule.ops:  # one op as a plain string: tomli_w spreads any array over several lines
+        table["op"] = rule.ops[0] if len(rule.ops) == 1 else list(rule.ops)
     for key, value in _plain(rule.overrides).items():
         table[key] = DEFAULT_ACT_BLOCK_H if value is None else value
     if rule.note:
