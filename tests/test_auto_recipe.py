@@ -122,6 +122,15 @@ def test_convert_accepts_auto_by_name_and_as_a_recipe(model, samples):
     assert converted.report.fallbacks == []
 
 
+def test_tuning_reports_progress_and_only_the_final_conversion(model, samples, caplog):
+    with caplog.at_level("INFO", logger="ttswap"):
+        ttswap.convert(model, AutoRecipe(samples=samples[:1], max_evaluations=2), input_shape=SHAPE,
+                       backend="emulated", cache=False)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("auto recipe: evaluation 1 of at most 2: 0 layer(s) below the top rung") for line in lines)
+    assert sum("device layers" in line for line in lines) == 1  # the search's own conversions stay quiet
+
+
 def test_samples_must_match_the_input_shape(model):
     with pytest.raises(ValueError, match="samples have shape"):
         tune(model, SHAPE, AutoRecipe(samples=torch.zeros(2, 3, 32, 32)))

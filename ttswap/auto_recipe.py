@@ -202,9 +202,11 @@ def tune(model: nn.Module, input_shape: tuple[int, ...], settings: AutoRecipe | 
     base = Recipe(name="auto", defaults=OpConfig(fidelity=top.fidelity, weight_dtype=top.weight_dtype,
                                                  fp32_acc=top.fp32_acc),
                   bfp8_guard=settings.bfp8_guard, source="auto")
+    log.info("auto recipe: observing %s at %s", type(model).__name__, list(input_shape))
     baseline, calls = _observe_baseline(model, base, input_shape)
     backend = EmulatedBackend()  # one for both variants, so that observing the mix sees every layer's ops
     choices = _choose_layouts(baseline, calls, settings.hw)
+    log.info("auto recipe: layouts chosen for %d layer(s); pricing their numerics", len(choices))
     hybrid, observed = _build_variants(model, base, choices, input_shape, backend)
     _price_rungs(hybrid, observed, choices, settings.hw)
 
@@ -243,8 +245,14 @@ def tune(model: nn.Module, input_shape: tuple[int, ...], settings: AutoRecipe | 
 def _convert(model: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], backend: EmulatedBackend):
     from ttswap.converter import convert
 
-    # throwaway conversions for the search: the weight cache would only fill up with them
-    return convert(model, recipe, input_shape=input_shape, backend=backend, cache=False)
+    # throwaway conversions for the search: the weight cache would only fill up with them, and their
+    # progress lines would read as if they were the user's conversion
+    level = log.level
+    log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    try:
+        return convert(model, recipe, input_shape=input_shape, backend=backend, cache=False)
+    finally:
+        log.setLevel(level)
 
 
 def _observe_baseline(model: nn.Module, base: Recipe, input_shape: tuple[int, ...]):
@@ -498,7 +506,11 @@ class _Evaluator:
         self.hybrid.set(lambda group: LADDER[assignment.get(group, 0)])
         outputs = [_outputs(self.hybrid.model(self.samples[i:i + self.batch]))
                    for i in range(0, len(self.samples), self.batch)]
-        return min(pcc(torch.cat(parts), ref) for parts, ref in zip(zip(*outputs), self.reference))
+        value = min(pcc(torch.cat(parts), ref) for parts, ref in zip(zip(*outputs), self.reference))
+        lowered = sum(1 for rung in assignment.values() if rung)
+        log.info("auto recipe: evaluation %d of at most %d: %d layer(s) below the top rung, PCC %.4f", self.count,
+                 self.budget, lowered, value)
+        return value
 
 
 def _moves(choices: dict[Group, LayerChoice]) -> list[tuple[Group, int, float]]:

@@ -102,13 +102,15 @@ def convert(
     recipe = recipe.for_model(model, shape)  # itself, or for "auto" a recipe tuned for this model
     be = get_backend(backend) if isinstance(backend, str) else backend
 
+    traced_from = time.perf_counter()  # tuning, if any, reported its own progress
     work = copy.deepcopy(model).eval()  # the caller's model is never touched
     gm = trace(work, None)
     fingerprint = Fingerprint.of(gm, work, recipe, be, shape)
     weight_cache = ConversionCache.open(cache_dir(cache), fingerprint)
     weight_cache.propagate_shapes(gm, torch.zeros(shape))
     remove_identities(gm)
-    log.info("traced %s: %d nodes (%.1f s)", type(model).__name__, len(gm.graph.nodes), time.perf_counter() - start)
+    log.info("traced %s: %d nodes (%.1f s)", type(model).__name__, len(gm.graph.nodes),
+             time.perf_counter() - traced_from)
     ctx = BuildContext(gm, be, recipe, (shape[2], shape[3]), weight_cache)
     records = {n: NodeRecord(n.name, _describe(gm, n), _kind(n)) for n in gm.graph.nodes}
 
