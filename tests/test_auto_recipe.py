@@ -184,3 +184,18 @@ def test_tuned_layouts_fit_l1_on_ttnn_itself(model, tuning, converted):
             [(r.layer, r.config) for r in converted.report.records]
     finally:
         on_ttnn.backend.close()
+
+
+@pytest.mark.parametrize("top_pcc, target", [
+    (0.9999, 0.995),  # room for the full margin
+    (0.9924, 1 - 0.0076 * 1.1),  # less room: within 10% more error than the top rung, still >= 0.99
+    (0.9905, 0.99),  # the slack would go below the target the top rung reaches
+    (0.98, 1 - 0.02 * 1.1),  # the top rung misses the target: relative
+])
+def test_target_follows_the_room_the_top_rung_leaves(model, samples, monkeypatch, top_pcc, target):
+    from ttswap import auto_recipe
+
+    evaluations = iter([top_pcc])
+    monkeypatch.setattr(auto_recipe._Evaluator, "__call__", lambda self, assignment: next(evaluations, top_pcc))
+    tuning = tune(model, SHAPE, AutoRecipe(samples=samples[:1], max_evaluations=1))
+    assert tuning.target == pytest.approx(target)
