@@ -6,14 +6,17 @@ Each model is built with ``pretrained=False`` and its BatchNorm statistics recal
 scikit-image's sample photos (realistic folded weights without a download), converted on the emulated
 backend, and measured: share of traced nodes swapped, torch fallbacks, host transfers per forward,
 PCC of the logits against torch fp32 on shifted crops of the photos (images the auto recipe's PCC
-guard did not see), the cost model's device FPS on a Wormhole n150, and the conversion's CPU time
-(for "auto", tuning included; CPU rather than wall time, which a shared machine distorts). Rows print
-as they finish; a failed conversion prints its error.
+guard did not see), the same PCC for the model run by torch itself in bfloat16 (weights and inputs
+cast, logits back to float: the floor any bf16 implementation faces, since random weights with
+recalibrated BatchNorm amplify rounding layer by layer), the cost model's device FPS on a Wormhole
+n150, and the conversion's CPU time (for "auto", tuning included; CPU rather than wall time, which a
+shared machine distorts). Rows print as they finish; a failed conversion prints its error.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -57,10 +60,12 @@ def row(name: str, recipe: str, evaluations: int) -> str:
     report = converted.report
     with torch.no_grad():
         want = model(held_out)
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)(held_out.to(torch.bfloat16)).float()
     got = torch.cat([converted(held_out[i:i + 1]) for i in range(len(held_out))])
     cost = estimate(converted)
     return (f"| {name} | {MODELS.get(name, '')} | {report.swapped_fraction:.0%} | {len(report.fallbacks)} | "
-            f"{report.transfers.total} | {pcc(got, want):.4f} | {cost.fps:.0f} | {seconds:.1f} |")
+            f"{report.transfers.total} | {pcc(got, want):.4f} | {pcc(bf16, want):.4f} | {cost.fps:.0f} | "
+            f"{seconds:.1f} |")
 
 
 def main() -> None:
@@ -71,8 +76,9 @@ def main() -> None:
                         help="the auto recipe's PCC evaluations per model")
     args = parser.parse_args()
     print(f"recipe {args.recipe!r}, input {list(INPUT)}, emulated backend\n")
-    print("| model | family | nodes swapped | fallbacks | transfers | PCC (held-out) | est. FPS | convert CPU s |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    print("| model | family | nodes swapped | fallbacks | transfers | PCC (held-out) | torch bf16 PCC | est. FPS | "
+          "convert CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in args.models:
         try:
             print(row(name, args.recipe, args.evaluations), flush=True)
