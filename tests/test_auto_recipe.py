@@ -1,6 +1,7 @@
 """The auto recipe on a small CNN: it meets its PCC target against torch fp32, is never slower (by the
 cost model) than the most accurate numerics with ttnn's default placement, says per layer what it
-chose and why, and fits layers whose default placement does not fit L1."""
+chose and why, and fits layers whose default placement does not fit L1. On a real model
+(ese_vovnet19b_dw) it is estimated no slower than the shipped recipe at the same PCC bar."""
 
 from __future__ import annotations
 
@@ -199,3 +200,54 @@ def test_target_follows_the_room_the_top_rung_leaves(model, samples, monkeypatch
     monkeypatch.setattr(auto_recipe._Evaluator, "__call__", lambda self, assignment: next(evaluations, top_pcc))
     tuning = tune(model, SHAPE, AutoRecipe(samples=samples[:1], max_evaluations=1))
     assert tuning.target == pytest.approx(target)
+
+
+@pytest.mark.slow
+def test_beats_the_shipped_recipe_on_a_real_model():
+    """The issue's bar on ese_vovnet19b_dw (realistic weights): "auto" by name is estimated no slower
+    than the shipped ese_vovnet recipe and keeps logits PCC >= 0.99 on crops it did not tune on.
+    benchmarks/auto_recipe.py measures the whole family and YOLOv4."""
+    timm = pytest.importorskip("timm")
+    from ttswap.calibration import recalibrate_batchnorm, sample_batch
+
+    shape = (1, 3, 224, 224)
+    vovnet = recalibrate_batchnorm(timm.create_model("ese_vovnet19b_dw", pretrained=False).eval(),
+                                   sample_batch(shape[2:]))
+    auto = ttswap.convert(vovnet, "auto", input_shape=shape, backend="emulated", cache=False)
+    shipped = ttswap.convert(vovnet, "ese_vovnet", input_shape=shape, backend="emulated", cache=False)
+    assert estimate(auto).fps >= estimate(shipped).fps
+    held_out = sample_batch(shape[2:], crops=2)[1::2]  # shifted crops of the photos "auto" tuned on
+    with torch.no_grad():
+        want = vovnet(held_out)
+    assert pcc(torch.cat([auto(x[None]) for x in held_out]), want) >= 0.99
+
+
+def test_numerics_worth_less_than_the_minimum_gain_are_not_traded(model, samples):
+    tuning = tune(model, SHAPE, AutoRecipe(samples=samples[:1], max_evaluations=4, min_numerics_gain=0.99))
+    assert all(choice.rung == 0 for choice in tuning.choices.values())
+    assert tuning.pcc == tuning.top_pcc
+    assert "worth any accuracy" in tuning.recipe.description
+    assert all("worth any accuracy" in rule.note for rule in tuning.recipe.rules)
+
+
+def test_a_layer_short_of_l1_on_the_target_backend_gives_up_fp32_accumulation_then_its_layout(model, samples, tuning):
+    from ttswap.auto_recipe import fit_on
+    from ttswap.backends.base import L1BudgetError
+    from ttswap.backends.emulated import EmulatedBackend
+
+    class Fragmented(EmulatedBackend):
+        """Refuses the stem conv while it keeps fp32 accumulation, as a fragmented L1 would."""
+
+        def conv2d(self, x, weights, spec, cfg, layer, activation=None):
+            if layer == "stem" and cfg.fp32_acc:
+                raise L1BudgetError(layer, 600_000, 500_000, "clash")
+            return super().conv2d(x, weights, spec, cfg, layer, activation)
+
+    fitted = fit_on(Fragmented(), model, tuning, SHAPE)
+    converted = ttswap.convert(model, fitted, input_shape=SHAPE, backend="emulated", cache=False)
+    stem = next(r for r in converted.report.records if r.layer == "stem" and any("auto: " in n for n in r.notes))
+    assert stem.config.fp32_acc is False
+    assert any("needs 600,000 B of L1 where 500,000 B are free (fragmentation)" in n for n in stem.notes), stem.notes
+    others = {r.layer: r.config for r in converted.report.records if r.layer != "stem"}
+    original = ttswap.convert(model, tuning.recipe, input_shape=SHAPE, backend="emulated", cache=False)
+    assert others == {r.layer: r.config for r in original.report.records if r.layer != "stem"}

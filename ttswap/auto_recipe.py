@@ -19,8 +19,13 @@ recipe for ``model`` before converting it:
    their PCC against the torch fp32 model on sample images at ``pcc_target``, found by bisection with
    the real converted model. The step that breaks the target is skipped (the layer's note says so)
    and the search goes on with the rest, within ``max_evaluations`` forward passes. Steps saving
-   under ``MIN_GAIN_S`` are not taken: those layers keep the most accurate numerics. The bfloat8_b
-   guard (``Recipe.bfp8_guard``) still keeps bf16 weights where a channel would lose too much.
+   under ``MIN_GAIN_S`` are not taken: those layers keep the most accurate numerics. So does every
+   layer when the steps taken would save under ``min_numerics_gain`` of the model's device time
+   together: no accuracy is traded for a percent of speed. The bfloat8_b guard
+   (``Recipe.bfp8_guard``) still keeps bf16 weights where a channel would lose too much.
+3. **The target backend.** Converting for ttnn (a device, or mock mode), the tuned recipe runs one
+   forward pass there first (``fit_on``): a layer ttnn finds short of L1, which the estimate cannot
+   foresee when the free L1 is fragmented, gives up fp32 accumulation, then takes its next best layout.
 
 The result is an ordinary ``Recipe`` with one rule per device layer, whose note (shown in the
 conversion report) says what was chosen and why: estimated time and bound, cores, L1 per core, and the
@@ -88,9 +93,8 @@ Group = tuple[str, str]  # (layer name, rewriter): what one recipe rule addresse
 
 @dataclass
 class LayerChoice:
-    """What the auto recipe chose for one device layer, and the numbers behind it. Layer names are
-    not unique (a timm ResNet block's conv1 and conv2 both match as ``layer1.0``), and a recipe rule
-    addresses a name and a rewriter, so one choice covers every module sharing them (``keys``)."""
+    """What the auto recipe chose for one device layer, and the numbers behind it. A recipe rule
+    addresses a layer name and a rewriter; one choice covers every module the layer holds (``keys``)."""
 
     layer: str
     rewriter: str
@@ -108,9 +112,15 @@ class LayerChoice:
     errors: list[float] = field(default_factory=list)  # relative error the layer adds on its own, per rung
     blocked: list[tuple[int, float]] = field(default_factory=list)  # (rung, saving) moves that broke the PCC
     target: float = float("nan")  # the PCC the search kept
+    kept_because: str = ""  # why the whole model kept the most accurate numerics, if it did
+    on_device: str = ""  # what running on the target backend changed, and why
 
     @property
     def numerics_reason(self) -> str:
+        if self.on_device:
+            return self.on_device
+        if self.kept_because:
+            return f"kept {LADDER[0]}: {self.kept_because}"
         if self.blocked:
             rung, saving = self.blocked[0]
             broke = (f"{LADDER[rung]} ({self._error(rung)} error here) would save {saving * 1e6:.1f} us "
@@ -186,10 +196,44 @@ class AutoRecipe(Recipe):
     relative_slack: float = 0.1
     samples: torch.Tensor | None = None
     max_evaluations: int = 24
+    # Cheaper numerics must save at least this share of the device time to be worth any accuracy:
+    # below it, every layer keeps the most accurate rung (YOLOv4 would trade 0.04 of head PCC for 1%).
+    min_numerics_gain: float = 0.03
     hw: WormholeN150 = N150
 
-    def for_model(self, model: nn.Module, input_shape: Sequence[int]) -> Recipe:
-        return tune(model, tuple(input_shape), self).recipe
+    def for_model(self, model: nn.Module, input_shape: Sequence[int], backend: Any = None) -> Recipe:
+        tuning = tune(model, tuple(input_shape), self)
+        if backend is None or isinstance(backend, EmulatedBackend):
+            return tuning.recipe
+        return fit_on(backend, model, tuning, tuple(input_shape))
+
+
+def fit_on(backend: Any, model: nn.Module, tuning: Tuning, input_shape: tuple[int, ...]) -> Recipe:
+    """``tuning.recipe``, changed until one forward pass runs on ``backend`` (ttnn: on a device or in
+    mock mode) without running out of L1. The tuner's L1 estimate does not model fragmentation: a
+    layer can fit in total and still find its buffers' region taken. Such a layer first gives up
+    fp32 accumulation (its largest buffer), then takes its next best layout."""
+    recipe = tuning.recipe
+    base = dataclasses.replace(recipe, rules=[])
+    while True:  # ends: each pass lowers one layer's rung or uses up one of its alternatives
+        try:
+            _convert(model, recipe, input_shape, backend)(torch.zeros(input_shape))
+            return recipe
+        except L1BudgetError as error:
+            choice = _choice_of(error.layer, tuning.choices)
+            if choice is None:
+                raise
+            if LADDER[choice.rung].fp32_acc:
+                choice.rung = next(i for i, rung in enumerate(LADDER) if i > choice.rung and not rung.fp32_acc)
+                change = f"{LADDER[choice.rung]}"
+            elif choice.fall_back():
+                change = f"{choice.shard.value} act_block_h={choice.act_block_h or 'default'}"
+            else:
+                raise
+            choice.on_device = (f"on {type(backend).__name__} it needs {error.needed:,} B of L1 where "
+                                f"{error.available:,} B are free (fragmentation), so {change}")
+            log.info("auto recipe: %s: %s", error.layer, choice.on_device)
+            recipe = _with_rules(base, tuning.choices, notes=True)
 
 
 def tune(model: nn.Module, input_shape: tuple[int, ...], settings: AutoRecipe | None = None) -> Tuning:
@@ -232,13 +276,26 @@ def tune(model: nn.Module, input_shape: tuple[int, ...], settings: AutoRecipe | 
     errors = hybrid.local_errors(samples[:input_shape[0]])
     for choice in choices.values():  # a group's modules add independent errors: in quadrature
         choice.errors = [math.hypot(*column) for column in zip(*(errors[key] for key in choice.keys))]
-    _search(choices, assignment, evaluate, target)
+    top_total = sum(c.seconds[0] for c in choices.values())
+    best_total = sum(min(c.seconds) for c in choices.values())
+    searched = top_total - best_total >= settings.min_numerics_gain * top_total
+    if searched:
+        _search(choices, assignment, evaluate, target)
     final_pcc = evaluate.last_passing
+    total = sum(c.seconds[assignment[g]] for g, c in choices.items()) if searched else best_total
+    if top_total - total < settings.min_numerics_gain * top_total:
+        saving = f"{'the numerics found' if searched else 'the cheapest numerics'} would save " \
+                 f"{(top_total - total) / top_total:.1%} of the device time"
+        kept = f"{saving}, under the {settings.min_numerics_gain:.0%} worth any accuracy"
+        log.info("auto recipe: %s; every layer keeps %s", kept, top)
+        assignment = {group: 0 for group in choices}
+        final_pcc, total = top_pcc, top_total
+        goal += f"; {kept}"
+        for choice in choices.values():
+            choice.kept_because, choice.blocked = kept, []
     for group, choice in choices.items():
         choice.rung = assignment[group]
     recipe = _with_rules(base, choices, notes=True)
-    total = sum(c.seconds[c.rung] for c in choices.values())
-    top_total = sum(c.seconds[0] for c in choices.values())
     recipe.description = (f"auto-tuned for {type(model).__name__} at {list(input_shape)}: {goal}; PCC {final_pcc:.4f} "
                           f"on {len(samples)} sample(s) ({evaluate.count} evaluations); estimated device time "
                           f"{total * 1e3:.3f} ms against {top_total * 1e3:.3f} ms with every layer at {top}")

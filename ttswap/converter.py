@@ -99,8 +99,8 @@ def convert(
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     recipe = Recipe.load(recipe)
     shape = _input_shape(input_shape, recipe)
-    recipe = recipe.for_model(model, shape)  # itself, or for "auto" a recipe tuned for this model
     be = get_backend(backend) if isinstance(backend, str) else backend
+    recipe = recipe.for_model(model, shape, be)  # itself, or for "auto" a recipe tuned for this model
 
     traced_from = time.perf_counter()  # tuning, if any, reported its own progress
     work = copy.deepcopy(model).eval()  # the caller's model is never touched

@@ -183,8 +183,8 @@ class Recipe:
                    description=description, source=source)
 
     # -- use ---------------------------------------------------------------------------------------
-    def for_model(self, model: Any, input_shape: tuple[int, ...]) -> "Recipe":
-        """The recipe that converts ``model``: this one. ``AutoRecipe`` tunes one for the model."""
+    def for_model(self, model: Any, input_shape: tuple[int, ...], backend: Any = None) -> "Recipe":
+        """The recipe that converts ``model`` on ``backend``: this one. ``AutoRecipe`` tunes one."""
         return self
 
     def override(self, match: str = "*", **fields: Any) -> "Recipe":
