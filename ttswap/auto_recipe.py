@@ -277,16 +277,13 @@ def tune(model: nn.Module, input_shape: tuple[int, ...], settings: AutoRecipe | 
     for choice in choices.values():  # a group's modules add independent errors: in quadrature
         choice.errors = [math.hypot(*column) for column in zip(*(errors[key] for key in choice.keys))]
     top_total = sum(c.seconds[0] for c in choices.values())
-    best_total = sum(min(c.seconds) for c in choices.values())
-    searched = top_total - best_total >= settings.min_numerics_gain * top_total
-    if searched:
-        _search(choices, assignment, evaluate, target)
+    worth = settings.min_numerics_gain * top_total
+    _search(choices, assignment, evaluate, target, worth)
     final_pcc = evaluate.last_passing
-    total = sum(c.seconds[assignment[g]] for g, c in choices.items()) if searched else best_total
-    if top_total - total < settings.min_numerics_gain * top_total:
-        saving = f"{'the numerics found' if searched else 'the cheapest numerics'} would save " \
-                 f"{(top_total - total) / top_total:.1%} of the device time"
-        kept = f"{saving}, under the {settings.min_numerics_gain:.0%} worth any accuracy"
+    total = sum(c.seconds[assignment[g]] for g, c in choices.items())
+    if top_total - total < worth:
+        kept = (f"the cheaper numerics PCC >= {target:.4f} allows would save under {settings.min_numerics_gain:.0%} "
+                f"of the device time, too little to be worth any accuracy")
         log.info("auto recipe: %s; every layer keeps %s", kept, top)
         assignment = {group: 0 for group in choices}
         final_pcc, total = top_pcc, top_total
@@ -602,10 +599,12 @@ def _moves(choices: dict[Group, LayerChoice]) -> list[tuple[Group, int, float]]:
 
 
 def _search(choices: dict[Group, LayerChoice], assignment: dict[Group, int], evaluate: _Evaluator,
-            target: float) -> None:
+            target: float, worth: float = 0.0) -> None:
     """Apply the longest prefix of ``_moves`` that keeps the PCC at ``target`` (bisection). The first
     move that breaks it is dropped, with the same layer's later moves, and the search goes on with
-    the rest until the moves or the evaluation budget run out."""
+    the rest until the moves or the evaluation budget run out, or until what the moves taken and
+    left could save together falls under ``worth`` seconds (then no evaluation can change the
+    outcome: the caller keeps the most accurate numerics)."""
     for choice in choices.values():
         choice.target = target
     pending = _moves(choices)
@@ -619,7 +618,10 @@ def _search(choices: dict[Group, LayerChoice], assignment: dict[Group, int], eva
             evaluate.last_passing = value
         return value >= target
 
-    while pending and not evaluate.exhausted:
+    def saved() -> float:
+        return sum(c.seconds[0] - c.seconds[assignment[g]] for g, c in choices.items())
+
+    while pending and not evaluate.exhausted and saved() + sum(m[2] for m in pending) >= worth:
         lo, hi = 0, len(pending)  # pending[:lo] passes; pending[:hi] does not, unless all pass
         if passes(pending):
             lo = hi
