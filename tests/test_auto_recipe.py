@@ -154,9 +154,7 @@ def test_rungs_run_most_accurate_first():
 
 
 def test_tuned_recipe_round_trips_through_its_tables_notes_included(tuning):
-    from ttswap.serialize import recipe_tables
-
-    again = Recipe.from_dict(recipe_tables(tuning.recipe), source="saved")
+    again = Recipe.from_dict(tuning.recipe.to_tables(), source="saved")
     assert [(r.match, r.ops, r.overrides, r.note) for r in again.rules] == \
         [(r.match, r.ops, r.overrides, r.note) for r in tuning.recipe.rules]
     assert again.defaults == tuning.recipe.defaults

@@ -13,7 +13,7 @@ from torch import nn
 import ttswap
 from ttswap.models.yolov4 import ResBlock
 from ttswap.recipe import Recipe, shipped_recipes
-from ttswap.serialize import SerializationError, build_model, model_ref_of, recipe_tables
+from ttswap.serialize import SerializationError, build_model, model_ref_of
 
 SHAPE = (1, 16, 16, 16)
 REF = "ttswap.models.yolov4:ResBlock"
@@ -65,7 +65,7 @@ def test_timm_model_reference_is_inferred(tmp_path):
 @pytest.mark.parametrize("name", shipped_recipes())
 def test_recipes_round_trip_through_their_tables(name):
     recipe = Recipe.load(name).override("stem*", fidelity="HiFi4")
-    back = Recipe.from_dict(json.loads(json.dumps(recipe_tables(recipe))))
+    back = Recipe.from_dict(json.loads(json.dumps(recipe.to_tables())))
     assert {**back.to_dict(), "source": None} == {**recipe.to_dict(), "source": None}
     assert back.description == recipe.description
 

@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ttswap.backends.base import L1_ALLOCATABLE_BYTES, DeviceTensor, L1BudgetError, MemorySpec
+from ttswap.backends.base import L1_ALLOCATABLE_BYTES, Backend, DeviceTensor, L1BudgetError, MemorySpec
 from ttswap.backends.emulated import EmulatedBackend
 from ttswap.backends.l1 import estimate_conv_l1
 from ttswap.config import DType, Fidelity, OpConfig, ShardLayout
@@ -201,14 +201,14 @@ class AutoRecipe(Recipe):
     min_numerics_gain: float = 0.03
     hw: WormholeN150 = N150
 
-    def for_model(self, model: nn.Module, input_shape: Sequence[int], backend: Any = None) -> Recipe:
+    def for_model(self, model: nn.Module, input_shape: Sequence[int], backend: Backend | None = None) -> Recipe:
         tuning = tune(model, tuple(input_shape), self)
         if backend is None or isinstance(backend, EmulatedBackend):
             return tuning.recipe
         return fit_on(backend, model, tuning, tuple(input_shape))
 
 
-def fit_on(backend: Any, model: nn.Module, tuning: Tuning, input_shape: tuple[int, ...]) -> Recipe:
+def fit_on(backend: Backend, model: nn.Module, tuning: Tuning, input_shape: tuple[int, ...]) -> Recipe:
     """``tuning.recipe``, changed until one forward pass runs on ``backend`` (ttnn: on a device or in
     mock mode) without running out of L1. The tuner's L1 estimate does not model fragmentation: a
     layer can fit in total and still find its buffers' region taken. Such a layer first gives up
@@ -303,7 +303,7 @@ def tune(model: nn.Module, input_shape: tuple[int, ...], settings: AutoRecipe | 
 # -- conversions ------------------------------------------------------------------------------------
 
 
-def _convert(model: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], backend: EmulatedBackend):
+def _convert(model: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], backend: Backend):
     from ttswap.converter import convert
 
     # throwaway conversions for the search: the weight cache would only fill up with them, and their

@@ -67,7 +67,6 @@ from ttswap.config import (
     OpConfig,
     Pool2dSpec,
     ShardLayout,
-    resolve_auto_shard,
 )
 from ttswap.modules import Download, TTModule, Upload
 
@@ -270,9 +269,7 @@ def pool2d_cost(x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, hw: WormholeN1
     grid = _grid(x)
     h_out, w_out = spec.output_hw(x.h, x.w)
     if grid is None:
-        # over the cores its output rows need, as the backends place it (see pool_input_grid)
-        layout = cfg.shard if cfg.shard not in (ShardLayout.AUTO, ShardLayout.INTERLEAVED) else None
-        grid = pool_input_grid(layout or resolve_auto_shard(x.nhw, x.c), x.nhw, x.n * h_out * w_out, x.c)
+        grid = pool_input_grid(cfg.shard, x.nhw, x.n * h_out * w_out, x.c)  # as the backends place it
         costs.append(reshard_cost(x, grid, hw, "shard input"))
     out = pool_shard_grid(grid, x.n * h_out * w_out)
     width = round_up(grid.shard_cols, STICK_ALIGN)

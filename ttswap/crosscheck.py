@@ -170,10 +170,6 @@ class LockstepBackend(Backend):
                    divisor_override: int | None = None) -> DeviceTensor:
         return self._both("avg_pool2d", layer, x, spec, cfg, layer, count_include_pad, divisor_override)
 
-    def avg_pool2d(self, x: DeviceTensor, spec: Pool2dSpec, cfg: OpConfig, layer: str, count_include_pad: bool = True,
-                   divisor_override: int | None = None) -> DeviceTensor:
-        return self._both("avg_pool2d", layer, x, spec, cfg, layer, count_include_pad, divisor_override)
-
     def upsample_nearest(self, x: DeviceTensor, scale: int, cfg: OpConfig, layer: str) -> DeviceTensor:
         return self._both("upsample_nearest", layer, x, scale, cfg, layer)
 

@@ -212,9 +212,9 @@ class Recipe:
         if input_hw is not None:
             yield from self.resolutions.get(f"{input_hw[0]}x{input_hw[1]}", [])
 
-    def to_toml(self) -> str:
-        """This recipe as a recipe file: ``Recipe.from_toml(r.to_toml())`` configures every layer as
-        ``r`` does. How a tuned ``"auto"`` recipe becomes a file to ship, read and edit."""
+    def to_tables(self) -> dict[str, Any]:
+        """This recipe as the tables of a recipe file, plain data that ``from_dict`` reads back and
+        TOML or JSON can hold (no None: ttnn's own act_block_h is spelled ``"default"``)."""
         head: dict[str, Any] = {"name": self.name}
         if self.description:
             head["description"] = self.description
@@ -228,7 +228,12 @@ class Recipe:
             data["rules"] = [_rule_table(r) for r in self.rules]
         if self.resolutions:
             data["resolutions"] = {hw: {"rules": [_rule_table(r) for r in rules]} for hw, rules in self.resolutions.items()}
-        return tomli_w.dumps(data)
+        return data
+
+    def to_toml(self) -> str:
+        """This recipe as a recipe file: ``Recipe.from_toml(r.to_toml())`` configures every layer as
+        ``r`` does. How a tuned ``"auto"`` recipe becomes a file to ship, read and edit."""
+        return tomli_w.dumps(self.to_tables())
 
     def to_dict(self) -> dict[str, Any]:
         return {

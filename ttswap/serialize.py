@@ -149,7 +149,7 @@ def save(converted: "ConvertedModel", path: str | Path, *, model_ref: str | None
         "ttswap.format": str(FORMAT),
         "ttswap.version": ttswap.__version__,
         "ttswap.model": json.dumps({"ref": model_ref, "kwargs": model_kwargs}),
-        "ttswap.recipe": json.dumps(recipe_tables(converted.recipe)),
+        "ttswap.recipe": json.dumps(converted.recipe.to_tables()),
         "ttswap.input_shape": json.dumps(list(converted.input_shape)),
         "ttswap.backend": converted.report.backend,
         "ttswap.weights_sha256": source.fingerprint.weights,
@@ -221,23 +221,6 @@ def _field(header: dict[str, str], path: Path, key: str) -> Any:
 # -- descriptions ------------------------------------------------------------------------------------
 
 
-def recipe_tables(recipe: Recipe) -> dict[str, Any]:
-    """``recipe`` as the tables of a recipe file (``Recipe.from_dict`` reads them back)."""
-    data = recipe.to_dict()
-    head: dict[str, Any] = {"name": recipe.name, "description": recipe.description}
-    if recipe.input_shape is not None:
-        head["input_shape"] = list(recipe.input_shape)
-    if recipe.bfp8_guard is not None:
-        head["bfp8_guard"] = recipe.bfp8_guard
-
-    def rules(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{"match": r["match"], **({"op": r["ops"]} if r["ops"] else {}),
-                 **{k: v for k, v in r.items() if k not in ("match", "ops")}} for r in items]
-
-    return {"recipe": head, "defaults": data["defaults"], "rules": rules(data["rules"]),
-            "resolutions": {k: {"rules": rules(v)} for k, v in data["resolutions"].items()}}
-
-
 def graph_description(report: ConversionReport) -> list[dict[str, Any]]:
     """Per traced node: what it computes, what replaced it, in which layer, with which config."""
     return [{"node": r.node, "op": r.op, "replacement": r.replacement, "layer": r.layer,
@@ -267,4 +250,4 @@ def _node_change(saved: dict[str, Any], now: dict[str, Any] | None) -> str:
 
 
 __all__ = ["FORMAT", "SerializationError", "build_model", "graph_description", "is_import_ref", "load",
-           "model_ref_of", "recipe_tables", "save"]
+           "model_ref_of", "save"]

@@ -32,7 +32,7 @@ from ttswap.backends.numerics import (
     srca_operand,
     srcb_operand,
 )
-from ttswap.config import Activation, Conv2dSpec, DType, Layout, OpConfig, Pool2dSpec, ShardLayout, resolve_auto_shard
+from ttswap.config import Activation, Conv2dSpec, DType, Layout, OpConfig, Pool2dSpec, ShardLayout
 
 # Activations ttnn applies to Dst inside the op (before rounding to the output dtype); the others run
 # as a separate op on the rounded result. Same sets as TtnnBackend, measured on ttnn 0.81.1.
@@ -378,13 +378,5 @@ class EmulatedBackend(Backend):
 
     @staticmethod
     def _pool_input_grid(x: DeviceTensor, nhw_out: int, cfg: OpConfig) -> l1.ShardGrid:
-        """Pools work on their input's shards; an interleaved input they shard as ``cfg.shard`` says
-        (AUTO and INTERLEAVED: by ``resolve_auto_shard`` of the input, as TtnnBackend asks), over the
-        cores ttnn sizes from the output rows (``l1.pool_input_grid``)."""
-        grid = l1.grid_of(x.memory)
-        if grid is not None:
-            return grid
-        layout = cfg.shard
-        if layout in (ShardLayout.AUTO, ShardLayout.INTERLEAVED):
-            layout = resolve_auto_shard(x.nhw, x.c)
-        return l1.pool_input_grid(layout, x.nhw, nhw_out, x.c)
+        """Pools work on their input's shards; an interleaved one is sharded by ``l1.pool_input_grid``."""
+        return l1.grid_of(x.memory) or l1.pool_input_grid(cfg.shard, x.nhw, nhw_out, x.c)

@@ -136,10 +136,11 @@ def pool_shard_grid(input_grid: ShardGrid, nhw_out: int) -> ShardGrid:
     return dataclasses.replace(input_grid, shard_rows=round_up(rows, TILE))
 
 
-def pool_input_grid(layout: ShardLayout, nhw_in: int, nhw_out: int, channels: int) -> ShardGrid:
-    """How max_pool2d and avg_pool2d shard an interleaved input as ``layout`` (HEIGHT, BLOCK or WIDTH):
-    over the cores ``to_memory`` would give their output rows, each core taking its share of the input
-    rows (counted in whole tiles, as the L1 and cost estimates count bytes).
+def pool_input_grid(shard: ShardLayout, nhw_in: int, nhw_out: int, channels: int) -> ShardGrid:
+    """How max_pool2d and avg_pool2d shard an interleaved input as the recipe's ``shard`` says (AUTO
+    and INTERLEAVED: ``resolve_auto_shard`` of the input, as TtnnBackend asks ttnn): over the cores
+    ``to_memory`` would give their output rows, each core taking its share of the input rows
+    (counted in whole tiles, as the L1 and cost estimates count bytes).
 
     ttnn 0.81.1 sizes a pool's grid from its output shape, as conv2d does: its sliding-window ops split
     the output rows over the cores and give each the input rows they read. So a 27x27 input pooled
@@ -148,6 +149,7 @@ def pool_input_grid(layout: ShardLayout, nhw_in: int, nhw_out: int, channels: in
     pins the cases against ttnn). ``pool_shard_grid`` of this grid gives back
     ``tensor_shard_grid(layout, nhw_out, channels)``.
     """
+    layout = resolve_auto_shard(nhw_in, channels) if shard in (ShardLayout.AUTO, ShardLayout.INTERLEAVED) else shard
     by_output = tensor_shard_grid(layout, nhw_out, channels)
     return dataclasses.replace(by_output, shard_rows=round_up(-(-nhw_in // by_output.row_cores), TILE))
 

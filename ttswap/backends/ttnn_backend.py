@@ -14,8 +14,8 @@ Behaviour the emulated backend mirrors, as measured against ttnn 0.81.1:
   (an interleaved input ttnn shards as ``cfg.shard`` says, over the cores its output rows need).
   concat stays sharded when all inputs share one height- or block-sharded grid and shard height,
   else goes through L1 interleaved. add and multiply place their output like their first input.
-  upsample, mean and linear produce L1-interleaved tensors. Then, for every op, an explicit HEIGHT / BLOCK / WIDTH / INTERLEAVED in ``cfg.shard``
-  moves the output there (see :func:`sharded_memory_config`); AUTO keeps what the op produced.
+  upsample, mean and linear produce L1-interleaved tensors. Then, for every op, an explicit HEIGHT /
+  BLOCK / WIDTH / INTERLEAVED in ``cfg.shard`` moves the output there (see :func:`sharded_memory_config`); AUTO keeps what the op produced.
   Outputs are tiled (pools and upsample included) except where ``to_layout`` says otherwise.
 * **activations.** Fused into conv2d: :data:`CONV_FUSED_ACTIVATIONS`; into add:
   :data:`ELTWISE_FUSED_ACTIVATIONS`. Others run as a separate op after it, in place on its output
