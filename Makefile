@@ -1,7 +1,7 @@
 # `make demo` and `make test` each set up .venv/ on a fresh machine first (tools/bootstrap.sh).
 PY := .venv/bin/python
 
-.PHONY: demo test test-mock bench venv clean
+.PHONY: demo test test-all test-mock bench venv clean
 
 venv:
 	@tools/bootstrap.sh
@@ -11,6 +11,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# also every model of the benchmark tables (the `exhaustive` tests): about an hour on 2 cores
+test-all: venv
+	$(PY) -m pytest -q -m ""
 
 test-mock: venv
 	$(PY) -m pytest -q -m ttnn_mock

@@ -8,10 +8,10 @@ recipe ese_vovnet) and YOLOv4 at 320 or 640 (shipped recipe yolov4); by default 
 both YOLOv4 sizes, "all" for every one.
 
 For each model (realistic weights: BatchNorm recalibrated on scikit-image's sample photos), tunes the
-auto recipe on the sample photos, converts with it and with the shipped recipe on the emulated
-backend, and prints the cost model's device FPS (and the auto recipe's ratio to the shipped one) and
-the PCC of every output against torch fp32 (YOLOv4: one per head, "/"-separated): on the photos the
-auto recipe tuned on, and on shifted crops of them it never saw. A "torch bf16" row gives the floor:
+auto recipe on its default samples (YOLOv4, which takes [0, 1] pixels: a varied batch of those),
+converts with it and with the shipped recipe on the emulated backend, and prints the cost model's
+device FPS (and the auto recipe's ratio to the shipped one) and the PCC of every output against torch
+fp32 (YOLOv4: one per head, "/"-separated): on the sample photos, and on shifted crops of them. A "torch bf16" row gives the floor:
 the model itself in torch bfloat16 (weights and inputs), its outputs against fp32 on the same inputs.
 The last column is the auto recipe's tuning time (wall seconds; CPU seconds in the per-model line).
 """
@@ -25,9 +25,8 @@ import time
 import torch
 
 import ttswap
-from ttswap.auto_recipe import AutoRecipe, tune
-from ttswap.calibration import SAMPLE_IMAGES, recalibrate_batchnorm, sample_batch
-from ttswap.cost import estimate
+from ttswap.calibration import SAMPLE_IMAGES, recalibrate_batchnorm, sample_batch, varied_batch
+from ttswap.tuning import AutoRecipe, estimate, tune
 from ttswap.metrics import pcc
 from ttswap.models.yolov4 import YOLOv4
 
@@ -84,7 +83,9 @@ def measure(key: str) -> list[tuple]:
     held_out = sample_batch((size, size), names, normalize=normalize, crops=2)[1::2]  # the shifted crops
     want = reference(model, samples), reference(model, held_out)
     start, cpu = time.perf_counter(), time.process_time()
-    tuning = tune(model, shape, AutoRecipe(samples=samples))
+    # ImageNet models tune on the auto recipe's default samples; YOLOv4 takes [0, 1] pixels, so its own
+    tuning_samples = None if normalize else varied_batch((size, size), 6, seed=0, normalize=False)
+    tuning = tune(model, shape, AutoRecipe(samples=tuning_samples))
     tuned_s, tuned_cpu = time.perf_counter() - start, time.process_time() - cpu
     print(f"\n{key}: {tuning.recipe.description} (tuned in {tuned_s:.0f} s, {tuned_cpu:.0f} CPU s)", flush=True)
     rows, shipped_fps = [], None

@@ -1,4 +1,4 @@
-"""Calibrate the Wormhole n150 cost model (ttswap.cost) against published throughputs.
+"""Calibrate the Wormhole n150 cost model (ttswap.tuning) against published throughputs.
 
     python benchmarks/cost_calibration.py          # estimates with the shipped constants
     python benchmarks/cost_calibration.py --fit    # also grid-search the fitted constants
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 import ttswap
-from ttswap.cost import N150, CostReport, WormholeN150, cost_report, observe
+from ttswap.tuning.hardware import N150, WormholeN150
+from ttswap.tuning.recording import observe
+from ttswap.tuning.report import CostReport, cost_report
 from ttswap.models.yolov4 import YOLOv4
 
 HAND_WRITTEN = dict(fidelity="LoFi", weight_dtype="bfp8_b", fp32_acc=False)  # tt-metal's models' numerics

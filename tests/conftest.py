@@ -12,16 +12,23 @@ import torch
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+# The suite's weight cache cap, unless TTSWAP_CACHE_MAX_BYTES is set: room for a few YOLOv4 entries
+# (~260 MB each), so that conversions repeated within a test file still hit.
+SUITE_CACHE_MAX_BYTES = "1G"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_weight_cache(tmp_path_factory):
-    """Keep the suite's conversions out of the user's weight cache (and the user's out of ours)."""
-    previous = os.environ.get("TTSWAP_CACHE_DIR")
+    """Keep the suite's conversions out of the user's weight cache (and the user's out of ours), capped."""
+    previous = {name: os.environ.get(name) for name in ("TTSWAP_CACHE_DIR", "TTSWAP_CACHE_MAX_BYTES")}
     os.environ["TTSWAP_CACHE_DIR"] = str(tmp_path_factory.mktemp("ttswap-cache"))
+    os.environ.setdefault("TTSWAP_CACHE_MAX_BYTES", SUITE_CACHE_MAX_BYTES)
     yield
-    if previous is None:
-        os.environ.pop("TTSWAP_CACHE_DIR", None)
-    else:
-        os.environ["TTSWAP_CACHE_DIR"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def pytest_collection_modifyitems(config, items):

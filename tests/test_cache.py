@@ -4,6 +4,10 @@ to what a conversion depends on misses; a damaged file is never used."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -12,9 +16,9 @@ from torch import nn
 
 import ttswap
 from ttswap import cache as cache_module
-from ttswap import layers
+from ttswap import cache_store, layers
 from ttswap.backends.emulated import EmulatedBackend
-from ttswap.cache import CacheWarning, cache_dir
+from ttswap.cache import CacheWarning, ConversionCache, cache_dir
 from ttswap.recipe import Recipe
 
 SHAPE = (1, 3, 32, 32)
@@ -148,6 +152,17 @@ def test_a_damaged_or_mismatched_file_is_rebuilt_with_a_warning(tmp_path, damage
         convert(model, tmp_path)  # the rebuilt file is whole again
 
 
+def test_a_cache_location_that_is_no_directory_costs_one_warning(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.warns(CacheWarning) as record:
+        converted = convert(toy(), tmp_path / "file" / "cache")
+    (warning,) = [w for w in record if w.category is CacheWarning]
+    assert "Not a directory" in str(warning.message) and "converted without caching" in str(warning.message)
+    x = torch.randn(SHAPE)
+    for a, b in zip(outputs(converted, x), outputs(convert(toy(), False), x)):
+        assert torch.equal(a, b)
+
+
 def test_location_env_var_and_disabling(tmp_path, monkeypatch):
     monkeypatch.setenv("TTSWAP_CACHE_DIR", str(tmp_path / "env"))
     assert cache_dir(True) == tmp_path / "env"
@@ -162,15 +177,103 @@ def test_location_env_var_and_disabling(tmp_path, monkeypatch):
     assert len(cache_files(tmp_path / "env")) == 1
 
 
-def test_least_recently_used_files_are_evicted(tmp_path, monkeypatch):
+def _entry_of(directory, before):
+    (path,) = set(cache_files(directory)) - set(before)
+    return path
+
+
+def _age(path, seconds):
+    os.utime(path, (time.time() - seconds,) * 2)
+
+
+def test_least_recently_used_entries_are_evicted_beyond_the_env_cap(tmp_path, monkeypatch):
+    models = []
+    for shift in (0.1, 0.2, 0.3):  # three sets of weights: three entries of one size
+        model = toy()
+        model.stem[1].running_mean.add_(shift)
+        models.append(model)
+    convert(models[0], tmp_path)
+    first = _entry_of(tmp_path, [])
+    convert(models[1], tmp_path)
+    second = _entry_of(tmp_path, [first])
+    _age(first, 100)
+    _age(second, 50)
+    monkeypatch.setenv("TTSWAP_CACHE_MAX_BYTES", str(int(first.stat().st_size * 2.5)))
+    convert(models[0], tmp_path)  # a hit: the first entry is now the most recently used
+    convert(models[2], tmp_path)  # a third entry does not fit: the least recently used goes
+    remaining = cache_files(tmp_path)
+    assert first in remaining and second not in remaining and len(remaining) == 2
+
+
+def test_the_cap_argument_overrides_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TTSWAP_CACHE_MAX_BYTES", "1G")
+    assert cache_store.max_bytes() == 2**30 and cache_store.max_bytes("512M") == 2**29
+    ttswap.convert(toy(), RECIPE, input_shape=SHAPE, backend="emulated", cache=tmp_path, cache_max_bytes=0)
+    assert cache_files(tmp_path) == []  # an entry larger than the cap is not written
+    monkeypatch.setenv("TTSWAP_CACHE_MAX_BYTES", "lots")
+    with pytest.raises(ValueError, match="TTSWAP_CACHE_MAX_BYTES must be a number of bytes.*'lots'"):
+        convert(toy(), tmp_path)
+    with pytest.raises(ValueError, match="cache_max_bytes must be a number of bytes >= 0, got -1"):
+        ttswap.convert(toy(), RECIPE, input_shape=SHAPE, backend="emulated", cache=tmp_path, cache_max_bytes=-1)
+
+
+def test_an_entry_a_conversion_is_reading_is_not_evicted(tmp_path, monkeypatch):
+    """While a conversion builds its layers from an entry, no eviction (its own included) deletes it."""
     model = toy()
     convert(model, tmp_path)
-    (oldest,) = cache_files(tmp_path)
-    monkeypatch.setattr(cache_module, "MAX_CACHE_BYTES", int(oldest.stat().st_size * 1.5))
-    model.stem[1].running_mean.add_(0.1)
+    (path,) = cache_files(tmp_path)
+    evictable_during_hit = []
+    save = ConversionCache.save
+
+    def save_checking(self):
+        evictable_during_hit.append(cache_store._remove_unless_in_use(path))
+        save(self)
+
+    monkeypatch.setattr(ConversionCache, "save", save_checking)
     convert(model, tmp_path)
-    (newest,) = cache_files(tmp_path)
-    assert newest != oldest
+    assert evictable_during_hit == [False] and path.exists()
+
+
+def test_an_entry_in_use_by_another_process_is_not_evicted(tmp_path, monkeypatch):
+    model = toy()
+    convert(model, tmp_path)
+    (held,) = cache_files(tmp_path)
+    _age(held, 100)  # the least recently used: first to go
+    monkeypatch.setenv("TTSWAP_CACHE_MAX_BYTES", str(int(held.stat().st_size * 1.5)))
+    reader = subprocess.Popen(  # another process reading the entry holds a shared lock on it
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'rb'); fcntl.flock(f, fcntl.LOCK_SH); "
+         "print('locked', flush=True); sys.stdin.read()", str(held)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "locked"
+        model.stem[1].running_mean.add_(0.1)
+        convert(model, tmp_path)  # over the cap, but the other entry is in use
+        assert held.exists() and len(cache_files(tmp_path)) == 2
+        (newest,) = set(cache_files(tmp_path)) - {held}
+        pruned = cache_store.prune(tmp_path, cache_store.max_bytes(), keep=newest)
+        assert pruned.removed == [] and [e.path for e in pruned.in_use] == [held]
+    finally:
+        reader.communicate("", timeout=30)  # the reader is done: its lock goes with it
+    pruned = cache_store.prune(tmp_path, cache_store.max_bytes(), keep=newest)
+    assert [e.path for e in pruned.removed] == [held] and cache_files(tmp_path) == [newest]
+
+
+def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
+    seen = []
+
+    def write(temp):
+        temp.write_bytes(b"x" * 100)
+        _age(temp, 60)  # as old as a dead writer's, but its writer holds the lock
+        seen.append(cache_store.prune(tmp_path, 0).temporary_files)
+
+    cache_store.write_atomically(tmp_path / "k.safetensors", write)
+    assert seen == [0] and [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]
+
+
+@pytest.mark.parametrize("text, size", [("2147483648", 2**31), ("512M", 2**29), ("2G", 2**31), ("1.5GiB", 3 * 2**29),
+                                        ("0", 0), ("64kb", 2**16)])
+def test_sizes_parse_in_binary_units(text, size):
+    assert cache_store.parse_size(text) == size
 
 
 def test_file_holds_what_the_docs_say(tmp_path):
@@ -186,6 +289,15 @@ def test_file_holds_what_the_docs_say(tmp_path):
     assert set(entries["values"]) == {"stem/bfp8_error", "branch/bfp8_error"}
     assert entries["values"]["stem/bfp8_error"] > 0.05 > entries["values"]["branch/bfp8_error"]
     assert "x" in entries["shapes"] and entries["shapes"]["x"]["tensor"]["shape"] == list(SHAPE)
+    assert json.loads(metadata["ttswap.about"]) == {"model": "Toy", "recipe": "toy", "backend": "emulated",
+                                                    "input_shape": "1x3x32x32"}
+    # Only what a hit cannot rebuild for free is stored: the `high` operands are the `full` ones masked.
+    with safe_open(str(path), framework="pt") as f:
+        stored = set(f.keys())
+    index = json.loads(metadata["ttswap.tensors"])
+    high = {name for name in index if name.endswith("/high")}
+    assert high and not high & stored
+    assert {index[name]["derived_from"] for name in high} == {name.replace("/high", "/full") for name in high} <= stored
 
 
 @pytest.mark.ttnn_mock

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -78,15 +80,54 @@ def test_bench_prints_the_ratio(capsys):
     (["convert", *RESBLOCK[:5], "--recipe", "no_such_recipe"], "no shipped recipe named 'no_such_recipe'"),
     (["convert", "no_such_model_xyz", "--recipe", "yolov4"], "neither a timm model name nor module:callable"),
     (["convert", *RESBLOCK, "--weights", "/no/such.pth"], "no weights file"),
+    (["convert", *RESBLOCK, "--weights", "{tmp}/garbage.pth"],
+     "garbage.pth is neither a zip checkpoint (torch.save), a legacy pickle checkpoint (torch.save before PyTorch "
+     "1.6) nor safetensors (it starts with b'not a ch'); is it a weights file?"),
+    (["convert", *RESBLOCK[:3], "--recipe", "{tmp}/bad.toml"],
+     "bad.toml: [defaults]: field 'shard' has invalid value 'diagonal'; valid: 'height', 'block',"),
 ])
-def test_errors_are_one_line_without_traceback(argv, message, capsys):
+def test_errors_are_one_line_without_traceback(argv, message, capsys, tmp_path):
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint: " * 40)
+    (tmp_path / "bad.toml").write_text('[defaults]\nshard = "diagonal"\n')
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("ttswap: error:")]
     assert message in line
+    for place in ("bad.toml", "[defaults]", "garbage.pth"):
+        assert line.count(place) <= 1  # each part of where the error is, said once
     assert main([*argv, "--verbose"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_cache_info_prune_and_clear(tmp_path, capsys):
+    from ttswap.cache_store import max_bytes
+    from ttswap.models.yolov4 import ResBlock
+
+    cache = tmp_path / "cache"
+    sizes = []
+    for channels in (16, 32):  # two entries: the 16-channel one used first
+        ttswap.convert(ResBlock(channels, 1).eval(), "yolov4", input_shape=(1, channels, 16, 16), backend="emulated",
+                       cache=cache)
+        sizes.append(sum(p.stat().st_size for p in cache.glob("*.safetensors")) - sum(sizes))
+    oldest = min(cache.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    (cache / ".dead.safetensors.1.ab.tmp").write_bytes(b"x")  # a writer that died mid-write
+    os.utime(cache / ".dead.safetensors.1.ab.tmp", (time.time() - 60,) * 2)
+
+    assert main(["cache", "info", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{cache}: 2 entries, {sum(sizes) / 1e3:.0f} kB of a {max_bytes() / 1e6:.1f} MB cap"
+    header, _, newest, older = out[1:5]
+    assert header.split() == ["last", "used", "size", "model", "recipe", "backend", "input", "key"]
+    assert newest.split()[2:8] == [f"{sizes[1] / 1e3:.0f}", "kB", "ResBlock", "yolov4", "emulated", "1x32x16x16"]
+    assert older.split()[-1] == oldest.stem[:12] and older.split()[2:4] == [f"{sizes[0] / 1e3:.0f}", "kB"]
+
+    assert main(["cache", "prune", "--cache-dir", str(cache), "--max-bytes", str(sizes[1])]) == 0
+    assert capsys.readouterr().out.startswith(f"{cache}: removed 1 entries ({sizes[0] / 1e3:.0f} kB) and 1 unfinished")
+    assert not oldest.exists() and len(list(cache.iterdir())) == 1
+    assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
+    assert "removed 1 entries" in capsys.readouterr().out and list(cache.iterdir()) == []
 
 
 def test_usage_errors_exit_2(capsys):

@@ -15,7 +15,7 @@ from ttswap.backends.base import DeviceTensor
 from ttswap.backends.emulated import EmulatedBackend
 from ttswap.backends.numerics import round_bf16
 from ttswap.config import DType, Fidelity, OpConfig, Pool2dSpec, ShardLayout
-from ttswap.cost import pool2d_cost
+from ttswap.tuning.pricing import pool2d_cost
 from ttswap.metrics import pcc
 from ttswap.recipe import Recipe
 
@@ -87,7 +87,8 @@ def test_activation_fused_into_conv_and_after_add(act):
 
 def test_emulated_avg_pool2d_rounds_the_window_mean_like_mean_hw():
     backend = EmulatedBackend()
-    cfg = OpConfig(shard=ShardLayout.HEIGHT)
+    # HiFi4: the pool reads the data through SrcA, so LoFi would also truncate it (docs/numerics.md)
+    cfg = OpConfig(shard=ShardLayout.HEIGHT, fidelity=Fidelity.HIFI4)
     x = torch.randn(1, 32, 12, 12)
     t = backend.upload(x, cfg)
     xb = round_bf16(x)
@@ -248,7 +249,7 @@ def test_timm_strided_basic_and_bottleneck_blocks_with_projection_shortcuts():
 # -- views -------------------------------------------------------------------------------------------
 
 
-def test_whole_tensor_slice_is_a_view_and_a_real_slice_falls_back():
+def test_whole_tensor_slice_is_a_view_and_a_channel_slice_runs_on_device():
     class Ghost(nn.Module):
         def __init__(self, keep: int):
             super().__init__()
@@ -262,8 +263,8 @@ def test_whole_tensor_slice_is_a_view_and_a_real_slice_falls_back():
 
     whole = Ghost(16)
     check(convert(whole), whole, {"slice"})
-    part = convert(Ghost(12))
-    assert [r.op for r in part.report.records if r.replacement == "torch"] == ["getitem"]
+    part = Ghost(12)
+    check(convert(part), part, {"channel_slice"})  # tests/test_patterns_cnn_families.py covers the rest
 
 
 def test_pool_of_an_interleaved_input_runs_on_the_cores_of_its_output_rows():

@@ -1,5 +1,7 @@
-"""TT-NN numerics models: bfloat16 rounding, bfloat8_b quantization (pinned by hand and, with ttnn,
-bit for bit), math fidelity phases and the bfloat16 Dst accumulation model."""
+"""TT-NN numerics models: bfloat16 rounding (host and packer), bfloat8_b quantization (pinned by hand
+and, with ttnn, bit for bit), SFPU stores and TF32 reads, math fidelity phases and the bfloat16 Dst
+accumulation model. References are hand-derived from the ISA pages or written with integer or
+float64 arithmetic, never with the helpers under test."""
 
 from __future__ import annotations
 
@@ -13,11 +15,17 @@ from ttswap.backends.numerics import (
     accumulate_in_bf16_dest,
     dest_rounding_steps,
     fidelity_matmul,
+    pack,
     quantize_bfp8_b,
     round_bf16,
+    round_bf16_packer,
+    sfpu_store,
     srca_operand,
     srcb_operand,
+    truncate_bf16,
+    truncate_tf32,
 )
+from ttswap.config import DType
 from ttswap.config import Fidelity
 
 
@@ -40,6 +48,49 @@ def test_round_bf16_matches_bit_level_reference():
     lsb = (b >> 16) & 1
     reference = (((b + 0x7FFF + lsb) >> 16) << 16).to(torch.int32)  # classic RNE on the bit pattern
     assert torch.equal(bits(round_bf16(x)), reference)
+
+
+def _truncate_to_bits(x: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
+    """float64 reference: |x| cut down to ``mantissa_bits`` bits after the leading one, toward zero."""
+    x = x.double()
+    step = torch.exp2(torch.floor(torch.log2(x.abs())) - mantissa_bits)
+    return torch.where(x == 0, x, torch.sign(x) * torch.floor(x.abs() / step) * step)
+
+
+def test_packer_rounds_ties_away_from_zero():
+    # ISA Packers/FormatConversion.md: round to nearest, ties away from zero
+    x = torch.tensor([1 + 2**-8, -(1 + 2**-8), 1 + 3 * 2**-8, 1 + 2**-8 - 2**-20, 1 + 2**-8 + 2**-20, 2.0**127 * 1.999])
+    expected = [1 + 2**-7, -(1 + 2**-7), 1 + 2**-6, 1.0, 1 + 2**-7, float("inf")]
+    assert round_bf16_packer(x).tolist() == expected
+    assert pack(x[:2], DType.BF16).tolist() == expected[:2]
+    assert pack(x[:2], DType.FLOAT32).tolist() == x[:2].tolist()
+
+
+def test_packer_bfp8_rounds_to_bf16_first():
+    # Early conversion to bfloat16, then the block rounding: 1 + 2^-7 + 2^-9 is first 1 + 2^-7 (step
+    # 2^-7: 129.25 -> 129), a tie in the block's 7-bit mantissa next to 1.0 (step 2^-6: 64.5), which
+    # goes to even: 1.0. The host conversion rounds once: 64.625 -> 65, i.e. 1 + 2^-6.
+    block = torch.zeros(16)
+    block[:2] = torch.tensor([1.0, 1 + 2**-7 + 2**-9])
+    assert pack(block, DType.BFP8_B)[:2].tolist() == [1.0, 1.0]
+    assert quantize_bfp8_b(block)[:2].tolist() == [1.0, 1 + 2**-6]
+
+
+def test_sfpu_store_truncates_unless_the_kernel_rounds():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4096, generator=gen) * 3
+    assert torch.equal(truncate_bf16(x).double(), _truncate_to_bits(x, 7))
+    assert torch.equal(sfpu_store(x, "leaky_relu", fp32_dest=False).double(), _truncate_to_bits(x, 7))
+    assert torch.equal(sfpu_store(x, "hardsigmoid", fp32_dest=False).double(), _truncate_to_bits(x, 7))
+    assert torch.equal(sfpu_store(x, "silu", fp32_dest=False), x.bfloat16().float())  # RoundMode::Nearest
+    assert torch.equal(sfpu_store(x, "leaky_relu", fp32_dest=True), x)  # a float32 Dst keeps it whole
+    assert truncate_bf16(torch.tensor([1e-40, -1e-40])).tolist() == [0.0, -0.0]  # denormals flushed
+
+
+def test_srca_reads_fp32_partials_as_tf32():
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(4096, generator=gen) * 100
+    assert torch.equal(truncate_tf32(x).double(), _truncate_to_bits(x, 10))
 
 
 # -- bfloat8_b: hand-computed blocks -------------------------------------------------------------
@@ -144,6 +195,22 @@ def test_bfp8_bit_exact_extremes_against_ttnn(ttnn_module):
     assert torch.equal(bits(theirs), bits(quantize_bfp8_b(x)))
 
 
+@pytest.mark.ttnn_mock
+def test_bfp8_inf_and_nan_inside_blocks_against_ttnn(ttnn_module):
+    ttnn = ttnn_module
+    gen = torch.Generator().manual_seed(99)
+    x = torch.randn(4, 64, generator=gen) * 10
+    x[0, 3], x[0, 20], x[0, 21] = float("inf"), float("-inf"), 1e30  # an infinity in two blocks
+    x[1, 5], x[1, 40] = float("nan"), float("-inf")  # NaN with finite neighbours; -inf alone
+    x[2, 16:32] = float("inf")  # a whole block of infinities
+    x[3, 0], x[3, 1], x[3, 2] = float("nan"), float("inf"), 2.5  # NaN and inf sharing a block
+    theirs = ttnn.to_torch(ttnn.from_torch(x, dtype=ttnn.bfloat8_b, layout=ttnn.TILE_LAYOUT)).float()
+    ours = quantize_bfp8_b(x)
+    assert torch.equal(torch.isnan(theirs), torch.isnan(ours))
+    finite_or_inf = ~torch.isnan(theirs)
+    assert torch.equal(bits(theirs)[finite_or_inf], bits(ours)[finite_or_inf])
+
+
 # -- math fidelity -------------------------------------------------------------------------------
 
 
@@ -192,17 +259,63 @@ def test_fidelity_error_decreases_with_phases():
 # -- accumulation --------------------------------------------------------------------------------
 
 
+def _significand_part(t: torch.Tensor, high_bits: int, low_bits: int, low: bool) -> torch.Tensor:
+    """What a fidelity phase feeds the multiplier, from the ISA's SrcA/SrcBFidelityBits, in integer
+    arithmetic on the bit fields: the 24-bit significand (hidden one included) is split into its top
+    ``high_bits`` (phase bit 0) and the next ``low_bits`` (phase bit 1); the value is sign * part *
+    2^(exponent - 150), exact in float64."""
+    b = t.contiguous().view(torch.int32).long()
+    exponent = (b >> 23) & 0xFF
+    significand = torch.where(exponent > 0, (b & 0x7FFFFF) | (1 << 23), torch.zeros_like(b))
+    high_shift = 24 - high_bits
+    if low:
+        low_shift = high_shift - low_bits
+        part = ((significand >> low_shift) & ((1 << low_bits) - 1)) << low_shift
+    else:
+        part = (significand >> high_shift) << high_shift
+    sign = torch.where(b < 0, -1.0, 1.0).double()
+    return sign * part.double() * torch.exp2(exponent.double() - 150)
+
+
+def _srca_part(t: torch.Tensor, low: bool) -> torch.Tensor:
+    return _significand_part(t, 5, 5, low)  # SrcA: hidden one + 4 bits, then 5 more (TF32's 10th unread)
+
+
+def _srcb_part(t: torch.Tensor, low: bool) -> torch.Tensor:
+    return _significand_part(t, 7, 4, low)  # SrcB: hidden one + 6 bits, then TF32's last 4
+
+
+def test_integer_reference_agrees_with_hand_values():
+    w = torch.tensor([1 + 2**-1 + 2**-5 + 2**-7, -(1 + 2**-4)])
+    assert _srca_part(w, False).tolist() == [1.5, -(1 + 2**-4)]
+    assert _srca_part(w, True).tolist() == [2**-5 + 2**-7, -0.0]
+    x = torch.tensor([1 + 2**-6 + 2**-7, 2.0 + 2**-9 + 2**-20])
+    assert _srcb_part(x, False).tolist() == [1 + 2**-6, 2.0] and _srcb_part(x, True).tolist() == [2**-7, 2**-9]
+
+
+@pytest.mark.parametrize("fidelity", list(Fidelity))
+def test_fidelity_matmul_equals_integer_phase_products(fidelity):
+    gen = torch.Generator().manual_seed(13)
+    a = round_bf16(torch.randn(8, 64, generator=gen))  # SrcB: activations
+    b = round_bf16(torch.randn(64, 16, generator=gen))  # SrcA: weights
+    expected = sum(_srcb_part(a, bool(p & 2)) @ _srca_part(b, bool(p & 1)) for p in range(_PHASES[fidelity]))
+    assert torch.allclose(fidelity_matmul(a, b, fidelity).double(), expected, rtol=0, atol=1e-5)
+
+
+_PHASES = {Fidelity.LOFI: 1, Fidelity.HIFI2: 2, Fidelity.HIFI3: 3, Fidelity.HIFI4: 4}
+
+
 def _stepwise_bf16_dest(a: torch.Tensor, b: torch.Tensor, fidelity: Fidelity) -> torch.Tensor:
     """Dst += one MVMUL (16 products) per fidelity phase, rounded to bfloat16 every time, in the
-    order the matmul kernel issues them: per 32-wide K tile, phase-major, then the two faces."""
-    phases = {Fidelity.LOFI: 1, Fidelity.HIFI2: 2, Fidelity.HIFI3: 3, Fidelity.HIFI4: 4}[fidelity]
+    order the matmul kernel issues them: per 32-wide K tile, phase-major, then the two faces. The
+    operands come from the integer reference above, not from the code under test."""
     acc = torch.zeros(a.shape[0], b.shape[1])
     for tile in range(0, a.shape[1], 32):
-        for p in range(phases):
+        for p in range(_PHASES[fidelity]):
             for face in (tile, tile + 16):
-                src_b = srcb_operand(a[:, face : face + 16], "low" if p & 2 else "high")
-                src_a = srca_operand(b[face : face + 16], "low" if p & 1 else "high")
-                acc = round_bf16(acc + (src_b.double() @ src_a.double()).float())
+                src_b = _srcb_part(a[:, face : face + 16], bool(p & 2))
+                src_a = _srca_part(b[face : face + 16], bool(p & 1))
+                acc = (acc.double() + src_b @ src_a).bfloat16().float()
     return acc
 
 

@@ -123,9 +123,10 @@ def test_conv2d_output_placement(backend, in_shape, out_channels, kernel, stride
 
 @pytest.mark.parametrize("groups", [1, 4, 128])
 def test_grouped_conv_weights_are_prepared_as_one_dense_matrix(backend, groups):
-    # ttswap.cost prices a depthwise conv as a dense one because ttnn 0.81.1 does this: its 2D grouped
-    # path expands the weights block-diagonally to [kh*kw*C_in, C_out] (its depthwise kernel is 1D only)
-    from ttswap.cost import conv2d_cost
+    # the cost model (ttswap.tuning.pricing) prices a depthwise conv as a dense one because ttnn 0.81.1 does
+    # this: its 2D grouped path expands the weights block-diagonally to [kh*kw*C_in, C_out] (its depthwise
+    # kernel is 1D only)
+    from ttswap.tuning.pricing import conv2d_cost
 
     x = upload(backend, 1, 128, 28, 28)
     cfg = KEEP.replace(shard=HEIGHT, deallocate=False)
@@ -469,3 +470,45 @@ def test_ensure_mock_mode_is_quick_once_done(backend):
     assert Path(variables["TT_METAL_MOCK_CLUSTER_DESC_PATH"]).exists()
     assert variables["TT_METAL_CACHE"].endswith("/") and Path(variables["TT_METAL_CACHE"]).is_dir()
     assert CLUSTER_DESCRIPTOR.exists()
+
+
+def _own_circular_buffer_peak(backend, run) -> int:
+    """Per-core bytes of the circular buffers a program allocates for itself (not on a tensor)."""
+    import ttnn
+
+    backend.device.clear_program_cache()  # a cached program would not allocate its buffers anew
+    ttnn.graph.begin_graph_capture(ttnn.graph.RunMode.NORMAL)
+    try:
+        run()
+    finally:
+        trace = ttnn.graph.end_graph_capture()
+    total = peak = 0
+    for node in trace:
+        if node["node_type"] == "circular_buffer_allocate" and node["params"]["globally_allocated"] == "0":
+            total += int(node["params"]["size"])
+            peak = max(peak, total)
+        elif node["node_type"] == "circular_buffer_deallocate_all":
+            total = 0
+    return peak
+
+
+@pytest.mark.parametrize("layout, act_dtype, fp32_acc, extra", [
+    (HEIGHT, DType.BF16, True, 2 * 4096),  # fp32 partials: 2 output tiles per core
+    (HEIGHT, DType.BF16, False, 0),  # bfloat16 partials are the output's own format: shared
+    (HEIGHT, DType.BFP8_B, False, 2 * 2048),  # bfloat16 partials next to a bfloat8_b output
+    (BLOCK, DType.BF16, True, 4 * 4096),
+])
+def test_packer_l1_acc_reaches_ttnn_and_its_partials_buffer_is_estimated(backend, layout, act_dtype, fp32_acc, extra):
+    from ttswap.backends.l1 import estimate_conv_l1
+
+    spec = Conv2dSpec(64, 64, (3, 3), padding=(1, 1))
+    peaks, estimates = [], []
+    for l1_acc in (False, True):
+        cfg = OpConfig(shard=layout, act_dtype=act_dtype, weight_dtype=DType.BF16, fp32_acc=fp32_acc,
+                       packer_l1_acc=l1_acc, deallocate=False)
+        x = upload(backend, 1, 64, 28, 28, cfg)
+        weights = backend.prepare_conv(torch.randn(64, 64, 3, 3), torch.randn(64), spec, cfg, "c")
+        peaks.append(_own_circular_buffer_peak(backend, lambda: backend.conv2d(x, weights, spec, cfg, "c")))
+        estimates.append(estimate_conv_l1(spec, 1, 28, 28, cfg, has_bias=True)[0])
+    assert peaks[1] - peaks[0] == extra
+    assert estimates[1] - estimates[0] == extra

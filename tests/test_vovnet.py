@@ -78,21 +78,25 @@ def test_residual_variant_accuracy(images):
 
 def test_report_starting_point_is_what_hardware_measured(vovnet19, images):
     """The hand-written model's config (bfp8_b weights, LoFi, bf16 accumulation) lands where its
-    hardware test did (PCC 0.79): the fidelity model is what makes the shipped recipe's choices."""
-    recipe = Recipe.load("ese_vovnet").override(weight_dtype="bfp8_b", fidelity="LoFi", fp32_acc=False)
+    hardware test did (PCC 0.79), far below torch bf16 (0.9986 on the same images): the fidelity
+    model is what makes the shipped recipe's choices. Measured here: 0.764 (the bar allows the
+    emulator +-0.04 of that, never the bf16 floor)."""
+    recipe = Recipe.load("ese_vovnet").override(weight_dtype="bfp8_b", fidelity="LoFi", fp32_acc=False,
+                                                packer_l1_acc=False)
     converted = ttswap.convert(vovnet19, recipe, backend="emulated")
-    assert 0.6 < pcc(run_each(converted, images[:2]), reference(vovnet19, images[:2])) < 0.9
+    assert 0.72 < pcc(run_each(converted, images[:2]), reference(vovnet19, images[:2])) < 0.81
 
 
-def test_all_bf16_hifi4_matches_torch_bf16(vovnet19, images):
-    """bf16 storage bounds any bf16 device: compare with torch itself running in bf16."""
-    recipe = Recipe.load("ese_vovnet").override(weight_dtype="bf16", act_dtype="bf16", fidelity="HiFi4", fp32_acc=True)
-    out = run_each(ttswap.convert(vovnet19, recipe, backend="emulated"), images)
+def test_shipped_recipe_matches_torch_bf16(vovnet19, images):
+    """bf16 storage bounds any bf16 device: compare with torch itself under bf16 autocast on the
+    same inputs (0.99875 here; the shipped recipe measured 0.99875). Without packer_l1_acc a 3x3
+    conv's partial sums pass through bf16 twice (0.99858): that would fail the second bar."""
+    out = run_each(ttswap.convert(vovnet19, "ese_vovnet", backend="emulated"), images)
     ref = reference(vovnet19, images)
-    with torch.no_grad():
-        torch_bf16 = copy.deepcopy(vovnet19).bfloat16()(images.bfloat16()).float()
-    assert pcc(out, ref) >= 0.9985
-    assert pcc(out, ref) >= pcc(torch_bf16, ref)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        torch_bf16 = vovnet19(images).float()
+    assert pcc(out, ref) >= min(0.99, pcc(torch_bf16, ref))
+    assert pcc(out, ref) >= pcc(torch_bf16, ref) - 0.0001
 
 
 def test_batch_two(vovnet19, images):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -220,7 +223,7 @@ def test_load_yolov4_dispatches_on_suffix(model, darknet_file, scratch):
     assert_same_state(model, load_yolov4(darknet_file))
     small = YOLOv4(num_classes=3).eval()
     torch.save(small.state_dict(), scratch / "small.pth")
-    loaded = YOLOv4.from_pretrained(scratch / "small.pth")
+    loaded = load_yolov4(scratch / "small.pth")  # ttswap.weights loads models; models do not load files
     assert loaded.num_classes == 3 and not loaded.training
     assert_same_state(small, loaded)
 
@@ -258,6 +261,47 @@ def test_non_tensor_entries_are_refused(scratch):
     torch.save({"weight": torch.ones(1), "note": "hello"}, path)
     with pytest.raises(ValueError, match=r"not tensors.*'note'"):
         read_state_dict(path)
+
+
+def _torch_saved(obj, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, **kwargs)
+    return buffer.getvalue()
+
+
+def _safetensors(tensors) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+NEITHER = r"is neither a zip checkpoint \(torch.save\), a legacy pickle checkpoint .* nor safetensors"
+STATE = {"w": torch.arange(4.0)}
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("text.pth", b"this is a README, not a checkpoint\n" * 8, NEITHER + r" \(it starts with b'this is '\)"),
+    ("empty.pt", b"", NEITHER + r" \(it is empty\)"),
+    ("plain_pickle.pth", pickle.dumps({"w": [1.0, 2.0]}), NEITHER),  # a pickle, but not torch's format
+    ("zeros.safetensors", bytes(64), NEITHER),
+    ("cut.pth", _torch_saved(STATE)[:300], r"cut.pth is a damaged zip checkpoint: RuntimeError: "),
+    ("cut_legacy.pth", _torch_saved(STATE, _use_new_zipfile_serialization=False)[:40],
+     r"cut_legacy.pth is a damaged legacy checkpoint"),
+    ("cut.safetensors", _safetensors(STATE)[:-4], r"cut.safetensors is a damaged safetensors file"),
+])
+def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        read_state_dict(tmp_path / name)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("legacy.pth", _torch_saved(STATE, _use_new_zipfile_serialization=False)),
+    ("really_safetensors.pth", _safetensors(STATE)),  # the first bytes tell the format, not the suffix
+])
+def test_every_checkpoint_format_is_read(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    assert torch.equal(read_state_dict(tmp_path / name)["w"], STATE["w"])
 
 
 def test_strict_load_lists_every_mismatch_and_loads_nothing():

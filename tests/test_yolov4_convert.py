@@ -12,6 +12,10 @@ from ttswap.metrics import pcc
 from ttswap.models.yolov4 import YOLOv4
 
 
+CALIBRATION = ("astronaut", "coffee", "rocket")
+MEASURED_HEAD_PCC = (0.922, 0.837, 0.773)  # mean over the two held-out images, shipped recipe
+
+
 @pytest.fixture(scope="module")
 def yolo() -> YOLOv4:
     torch.manual_seed(0)
@@ -39,21 +43,37 @@ def test_converts_fully_with_one_upload_and_three_downloads(yolo, size):
     assert any("down1.conv1" in label for label in rule["down1.conv1.conv"])
 
 
-def test_head_maps_come_back_unpadded_and_close_to_torch(yolo):
+def test_head_maps_come_back_unpadded(yolo):
     x = sample_batch((320, 320), names=("chelsea",), normalize=False)
     converted = ttswap.convert(yolo, "yolov4", input_shape=(1, 3, 320, 320), backend="emulated")
     maps = converted(x)
-    with torch.no_grad():
-        ref = yolo(x)
     assert [tuple(m.shape) for m in maps] == [(1, 255, 40, 40), (1, 255, 20, 20), (1, 255, 10, 10)]
     assert converted.transfer_counter.downloads == 3
-    # Random-init BatchNorm networks amplify any rounding ~1.2x per layer (see the issue note), so
-    # after 110 layers no bf16 implementation is near torch fp32; torch itself in bf16 is the bar.
+
+
+def test_heads_on_held_out_images_at_least_torch_bf16():
+    """BatchNorm calibrated on three photos, measured on two images it never saw. Random-init
+    YOLOv4 amplifies any rounding through 110 layers (one bfloat16 rounding of the input alone
+    costs head 3 ~0.08 PCC), so no bf16 device reaches torch fp32; torch's own bf16 autocast on the
+    same inputs is the floor. Per image the heads move by +-0.01 with any change of rounding, so
+    the bar is on the mean over both (benchmarks/accuracy.py measures five inputs)."""
+    torch.manual_seed(0)
+    model = recalibrate_batchnorm(YOLOv4().eval(), sample_batch((320, 320), names=CALIBRATION, normalize=False,
+                                                                crops=2))
+    converted = ttswap.convert(model, "yolov4", input_shape=(1, 3, 320, 320), backend="emulated")
+    ours, floor = [], []
     with torch.no_grad():
-        torch_bf16 = [m.float() for m in __import__("copy").deepcopy(yolo).bfloat16()(x.bfloat16())]
-    for ours, theirs, exact in zip(maps, torch_bf16, ref):
-        assert pcc(ours, exact) >= pcc(theirs, exact) - 0.1
-        assert pcc(ours, exact) > 0.5
+        for name in ("chelsea", "retina"):
+            x = sample_batch((320, 320), names=(name,), normalize=False)
+            exact = model(x)
+            with torch.autocast("cpu", torch.bfloat16):
+                bf16 = model(x)
+            ours.append([pcc(a, b) for a, b in zip(converted(x), exact)])
+            floor.append([pcc(a.float(), b) for a, b in zip(bf16, exact)])
+    ours_mean, floor_mean = torch.tensor(ours).mean(0), torch.tensor(floor).mean(0)
+    print(f"held-out head PCC: ttswap {ours_mean.tolist()}, torch bf16 {floor_mean.tolist()}")
+    assert (ours_mean >= floor_mean - 0.005).all(), (ours_mean, floor_mean)
+    assert (ours_mean >= torch.tensor(MEASURED_HEAD_PCC) - 0.02).all(), ours_mean
 
 
 def test_every_device_layer_matches_torch_in_isolation(yolo):

@@ -5,15 +5,16 @@
     print(converted.report)
 """
 
+from ttswap._version import __version__
 from ttswap.config import Activation, DType, Fidelity, OpConfig, ShardLayout
 from ttswap.compare import compare
 from ttswap.converter import ConversionError, ConvertedModel, convert
 from ttswap.recipe import Recipe, RecipeError, shipped_recipes
 from ttswap.serialize import load
+from ttswap.tuning import AutoRecipe, estimate  # also registers the "auto" recipe
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Activation", "ConversionError", "ConvertedModel", "DType", "Fidelity", "OpConfig", "Recipe", "RecipeError",
-    "ShardLayout", "compare", "convert", "load", "shipped_recipes", "__version__",
+    "ShardLayout", "AutoRecipe", "compare", "convert", "estimate", "load", "shipped_recipes", "__version__",
 ]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ttswap.config import Activation
+from ttswap.trace import call_arg
+from ttswap.unsupported import Unsupported
 
 _MODULES: dict[type, str] = {
     nn.ReLU: "relu",
@@ -51,8 +54,8 @@ ACTIVATION_MODULE_TYPES: tuple[type, ...] = (*_MODULES, nn.LeakyReLU, nn.GELU)
 ACTIVATION_FUNCTIONS: tuple[object, ...] = (*_FUNCTIONS, F.leaky_relu, F.gelu)
 
 
-class UnsupportedActivation(ValueError):
-    pass
+def _unsupported(what: str) -> Unsupported:
+    return Unsupported(f"activation {what} has no device implementation")
 
 
 def activation_of_module(module: nn.Module) -> Activation | None:
@@ -63,24 +66,32 @@ def activation_of_module(module: nn.Module) -> Activation | None:
         return Activation("leaky_relu", float(module.negative_slope))
     if isinstance(module, nn.GELU):
         if module.approximate != "none":
-            raise UnsupportedActivation(f"GELU(approximate={module.approximate!r})")
+            raise _unsupported(f"GELU(approximate={module.approximate!r})")
         return Activation("gelu")
     for cls, kind in _MODULES.items():
         if isinstance(module, cls):
             return Activation(kind)
-    raise UnsupportedActivation(type(module).__name__)
+    raise _unsupported(type(module).__name__)
 
 
-def activation_of_call(target: object, args: tuple, kwargs: dict) -> Activation:
+def activation_of_call(node: fx.Node) -> Activation:
+    """The device activation a traced call_function or call_method node computes."""
+    target = node.target
     if target is F.leaky_relu:
-        slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
-        return Activation("leaky_relu", float(slope))
+        return Activation("leaky_relu", float(call_arg(node, 1, "negative_slope", 0.01)))
     if target is F.gelu:
-        if kwargs.get("approximate", "none") != "none":
-            raise UnsupportedActivation("gelu(approximate='tanh')")
+        if call_arg(node, 1, "approximate", "none") != "none":
+            raise _unsupported("gelu(approximate='tanh')")
         return Activation("gelu")
-    if isinstance(target, str) and (args[1:] or kwargs):
-        raise UnsupportedActivation(f".{target}() with arguments")
+    if isinstance(target, str) and (node.args[1:] or node.kwargs):
+        raise _unsupported(f".{target}() with arguments")
     if target in _FUNCTIONS:
         return Activation(_FUNCTIONS[target])
-    raise UnsupportedActivation(getattr(target, "__name__", str(target)))
+    raise _unsupported(getattr(target, "__name__", str(target)))
+
+
+def activation_of(gm: fx.GraphModule, node: fx.Node) -> Activation | None:
+    """The device activation of a matched activation node, a module or a call."""
+    if node.op == "call_module":
+        return activation_of_module(gm.get_submodule(node.target))
+    return activation_of_call(node)

@@ -25,10 +25,18 @@ The file's metadata repeats the key and the format version and holds a CRC32 of 
 that does not parse, belongs to another key or format, or fails a CRC is reported with a
 ``CacheWarning``, deleted and rebuilt, never used.
 
+The file stores what a hit needs and nothing it can rebuild for free: a weight's ``high`` fidelity
+operand is its ``full`` operand with mantissa bits masked off, so only ``full`` is stored (checked bit
+for bit when writing; this halves the emulated backend's files) and a hit masks it again when a layer
+first reads it: never for HiFi2 and HiFi4 layers, which read only ``full``.
+
 Location: ``convert(cache=...)`` (a directory; ``True``, the default, for the default directory;
 ``False`` disables the cache), else ``$TTSWAP_CACHE_DIR``, else ``$XDG_CACHE_HOME/ttswap/weights``
-(``~/.cache/ttswap/weights``). After each write the least recently used files beyond
-``MAX_CACHE_BYTES`` are deleted.
+(``~/.cache/ttswap/weights``). Size: after each write the least recently used files beyond the cap
+(``convert(cache_max_bytes=...)``, else ``$TTSWAP_CACHE_MAX_BYTES``, else 2 GiB) are deleted, except
+files other conversions are reading. Locking, atomic writes and eviction: ``ttswap.cache_store``.
+A file that cannot be written (read-only directory, full disk) costs one ``CacheWarning``; the
+conversion goes on uncached. ``ttswap cache info | prune | clear`` shows and manages the directory.
 """
 
 from __future__ import annotations
@@ -41,11 +49,12 @@ import itertools
 import json
 import logging
 import os
+import time
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 import torch.fx as fx
@@ -53,14 +62,16 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ttswap.backends.base import Backend
+from ttswap.backends.numerics import srca_operand
+from ttswap.cache_store import (ENV_DIR, ENV_MAX_BYTES, EntryLock, cache_dir, default_dir, max_bytes, prune,
+                                 write_atomically)
 from ttswap.recipe import Recipe
 from ttswap.trace import propagate_shapes
 
 log = logging.getLogger("ttswap")
 
-FORMAT = 1
-ENV_VAR = "TTSWAP_CACHE_DIR"
-MAX_CACHE_BYTES = 4 * 2**30
+FORMAT = 2  # 2: derived tensors are not stored; the header says what the entry is
+ENV_VAR = ENV_DIR
 
 T = TypeVar("T")
 
@@ -71,24 +82,6 @@ class CacheWarning(UserWarning):
 
 class _Unusable(Exception):
     pass
-
-
-def default_dir() -> Path:
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ttswap" / "weights"
-
-
-def cache_dir(cache: "bool | str | Path") -> Path | None:
-    """Where ``convert(cache=...)`` keeps its files; None when caching is off."""
-    if cache is False:
-        return None
-    if cache is True:
-        return default_dir()
-    if isinstance(cache, (str, Path)):
-        return Path(cache).expanduser()
-    raise TypeError(f"cache must be True, False or a directory, got {cache!r}")
 
 
 # -- the key ---------------------------------------------------------------------------------------
@@ -126,9 +119,9 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def _versions(backend: str) -> dict[str, str]:
-    import ttswap
+    from ttswap._version import __version__
 
-    versions = {"backend": backend, "ttswap": ttswap.__version__, "torch": torch.__version__}
+    versions = {"backend": backend, "ttswap": __version__, "torch": torch.__version__}
     if backend == "ttnn":
         versions["ttnn"] = importlib.metadata.version("ttnn")
     return versions
@@ -153,20 +146,30 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
 
 class ConversionCache:
     """One conversion's use of the cache: entries read from its file, and entries computed now, which
-    ``save`` writes back. A disabled cache (``path`` None) computes everything and stores nothing."""
+    ``save`` writes back. A disabled cache (``path`` None) computes everything and stores nothing.
 
-    def __init__(self, path: Path | None = None, key: str = ""):
+    A file being read is locked (shared) from ``open`` until ``save`` or ``close``, so that no
+    eviction deletes it meanwhile."""
+
+    def __init__(self, path: Path | None = None, key: str = "", limit: int | None = None,
+                 about: dict[str, str] | None = None):
         self.path, self.key = path, key
+        self.limit = max_bytes() if limit is None and path is not None else limit
+        self.about = dict(about or {})  # what `ttswap cache info` shows: model, recipe, backend, input shape
         self.hit = False  # a usable file was found
         self._entries: dict[str, Any] = {"shapes": None, "values": {}, "prepared": {}}
         self._tensors: dict[str, torch.Tensor] = {}
+        self._derived: dict[str, _Derived] = {}  # read from the file: computed when first used
         self._dirty = False
+        self._lock: EntryLock | None = None
 
     @classmethod
-    def open(cls, directory: Path | None, fingerprint: Fingerprint) -> "ConversionCache":
+    def open(cls, directory: Path | None, fingerprint: Fingerprint, limit: "int | str | None" = None,
+             about: dict[str, str] | None = None) -> "ConversionCache":
+        """``limit``: the directory's cap in bytes (None: ``$TTSWAP_CACHE_MAX_BYTES`` or the default)."""
         if directory is None:
             return cls()
-        cache = cls(directory / f"{fingerprint.key}.safetensors", fingerprint.key)
+        cache = cls(directory / f"{fingerprint.key}.safetensors", fingerprint.key, max_bytes(limit), about)
         cache._load()
         return cache
 
@@ -202,7 +205,7 @@ class ConversionCache:
             return prepare(*inputs())
         entry = self._entries["prepared"].get(name)
         if entry is not None and entry["kind"] == "result":
-            return _rebuild(entry, self._tensors)
+            return _rebuild(entry, self._tensors, self._derived)
         if entry is not None:
             return prepare(*(None if n is None else self._tensors[n] for n in entry["inputs"]))
         args = tuple(inputs())
@@ -220,47 +223,145 @@ class ConversionCache:
         return result
 
     def save(self) -> None:
-        """Write the file if this conversion computed anything new. A failed write only warns."""
-        if self.path is None or not self._dirty:
-            return
+        """Write the file if this conversion computed anything new, then evict beyond the cap, and end
+        this conversion's use of the file. A file that cannot be written costs one warning."""
+        try:
+            if self.path is not None and self._dirty:
+                self._write()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End this conversion's use of the file: eviction may delete it again."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- writing -------------------------------------------------------------------------------------
+    def _write(self) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        stored, index, seen = {}, {}, set()
-        for name, tensor in self._tensors.items():
-            stored[name], index[name] = _to_file(tensor, seen)
-        header = {"ttswap.format": str(FORMAT), "ttswap.key": self.key,
-                  "ttswap.entries": json.dumps(self._entries), "ttswap.tensors": json.dumps(index)}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        assert self.path is not None and self.limit is not None
+        stored, index = _stored_tensors(self._tensors)
+        index.update({name: d.index() for name, d in self._derived.items()})  # a hit that computed more
+        header = {"ttswap.format": str(FORMAT), "ttswap.key": self.key, "ttswap.created": str(time.time()),
+                  "ttswap.about": json.dumps(self.about), "ttswap.entries": json.dumps(self._entries),
+                  "ttswap.tensors": json.dumps(index)}
+        size = sum(t.numel() * t.element_size() for t in stored.values())
+        if size > self.limit:
+            log.info("weight cache: not written: its %.0f MB exceed the cap of %.0f MB (%s)", size / 1e6,
+                     self.limit / 1e6, ENV_MAX_BYTES)
+            return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(stored, str(tmp), metadata=header)
-            os.replace(tmp, self.path)  # atomic: a reader never sees half a file
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            warnings.warn(f"could not write the weight cache file {self.path}: {exc}", CacheWarning, stacklevel=3)
+            write_atomically(self.path, lambda temp: save_file(stored, str(temp), metadata=header))
+        except (OSError, SafetensorError) as exc:
+            reason = f"{exc.strerror} [errno {exc.errno}]" if isinstance(exc, OSError) and exc.strerror else str(exc)
+            warnings.warn(f"weight cache: could not write {self.path} ({reason}); converted without caching",
+                          CacheWarning, stacklevel=4)
             return
         self._dirty = False
         log.info("weight cache: wrote %s (%.0f MB)", self.path, self.path.stat().st_size / 1e6)
-        _evict(self.path.parent, keep=self.path)
+        prune(self.path.parent, self.limit, keep=self.path)
 
     # -- reading -------------------------------------------------------------------------------------
     def _load(self) -> None:
         assert self.path is not None
-        if not self.path.is_file():
+        try:
+            lock = EntryLock.acquire(self.path)
+        except OSError as exc:  # e.g. the directory is a file, or not readable
+            warnings.warn(f"weight cache: cannot read {self.path.parent} ({exc.strerror} [errno {exc.errno}]); "
+                          "converted without caching", CacheWarning, stacklevel=4)
+            self.path = None  # and no write: one warning is enough
+            return
+        if lock is None:
             log.info("weight cache: miss, will write %s", self.path)
             return
         try:
-            self._entries, self._tensors = _read(self.path, self.key)
+            self._entries, self._tensors, self._derived = _read(lock.readable_path, self.key)
         except Exception as exc:  # whatever is wrong with the file, it must not be used
-            warnings.warn(f"weight cache file {self.path} is unusable ({exc}); rebuilding it", CacheWarning, stacklevel=4)
-            self.path.unlink(missing_ok=True)
+            warnings.warn(f"weight cache file {self.path} is unusable ({exc}); rebuilding it", CacheWarning,
+                          stacklevel=4)
+            lock.remove()
+            lock.release()
             return
         self.hit = True
-        os.utime(self.path)  # recently used: evicted last
+        self._lock = lock  # held until save(): no eviction meanwhile
+        lock.touch()  # recently used: evicted last
         log.info("weight cache: hit %s", self.path)
 
 
-def _read(path: Path, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+# Tensors a hit derives from another tensor of the same entry instead of reading them: (name suffix,
+# suffix of the tensor it is derived from, derivation on the stored form). A weight's ``high`` SrcA
+# operand is its ``full`` operand with more mantissa bits masked off; masking is elementwise, so it
+# applies to the stored (NHWC) memory as well.
+_DERIVED: tuple[tuple[str, str, Callable[[torch.Tensor], torch.Tensor]], ...] = (
+    ("/high", "/full", lambda full: srca_operand(full, "high")),
+)
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """A tensor of a hit that is computed from a stored one, when it is first read: a layer whose
+    fidelity never reads its ``high`` operand (HiFi2, HiFi4) never pays for it."""
+
+    source: str
+    rule: int
+    stored: torch.Tensor  # the source as the file holds it
+    info: dict[str, Any]
+
+    def compute(self) -> torch.Tensor:
+        return _from_file(_DERIVED[self.rule][2](self.stored), self.info)
+
+    def index(self) -> dict[str, Any]:
+        return {"derived_from": self.source, "rule": self.rule}
+
+
+class _LazyTensors(Mapping):
+    """A dict field of a cached result (e.g. ``PreparedWeights.operands``) whose derived tensors are
+    computed on first access."""
+
+    def __init__(self, items: dict[str, "torch.Tensor | _Derived"]):
+        self._items = items
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        value = self._items[key]
+        if isinstance(value, _Derived):
+            value = self._items[key] = value.compute()
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _stored_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors to write and the index describing every tensor (stored or derived)."""
+    derived = {name: d for name, t in tensors.items() if (d := _derivation(name, t, tensors)) is not None}
+    stored, index, seen = {}, {}, set()
+    for name, tensor in tensors.items():
+        if name in derived:
+            index[name] = {"derived_from": derived[name][0], "rule": derived[name][1]}
+        else:
+            stored[name], index[name] = _to_file(tensor, seen)
+    return stored, index
+
+
+def _derivation(name: str, tensor: torch.Tensor, tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(source tensor, rule index) when ``tensor`` is bit for bit a rule applied to a sibling."""
+    for rule, (suffix, source_suffix, derive) in enumerate(_DERIVED):
+        source = name.removesuffix(suffix) + source_suffix
+        if name.endswith(suffix) and source in tensors and tensor.dtype == torch.float32:
+            candidate = derive(tensors[source].detach().cpu())
+            if candidate.shape == tensor.shape and torch.equal(candidate.view(torch.int32),
+                                                               tensor.detach().cpu().view(torch.int32)):
+                return source, rule
+    return None
+
+
+def _read(path: "str | Path", key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, "_Derived"]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -270,15 +371,49 @@ def _read(path: Path, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         if header.get("ttswap.key") != key:
             raise _Unusable(f"it holds key {header.get('ttswap.key')!r}, not {key!r}")
         index = json.loads(header["ttswap.tensors"])
-        if set(f.keys()) != set(index):
+        if set(f.keys()) != {name for name, info in index.items() if "derived_from" not in info}:
             raise _Unusable("its tensors differ from its index")
-        tensors = {}
-        for name, info in index.items():
-            stored = f.get_tensor(name)
-            if zlib.crc32(_raw_bytes(stored)) != info["crc"]:
+        stored, tensors = {}, {}
+        for name in f.keys():
+            stored[name] = f.get_tensor(name)
+            if zlib.crc32(_raw_bytes(stored[name])) != index[name]["crc"]:
                 raise _Unusable(f"checksum mismatch in {name!r}")
-            tensors[name] = _from_file(stored, info)
-    return json.loads(header["ttswap.entries"]), tensors
+            tensors[name] = _from_file(stored[name], index[name])
+        derived = {}
+        for name, info in index.items():
+            if "derived_from" in info:
+                source, rule = info["derived_from"], info["rule"]
+                if source not in stored or not 0 <= rule < len(_DERIVED):
+                    raise _Unusable(f"{name!r} is derived from {source!r} by rule {rule}, which it lacks")
+                derived[name] = _Derived(source, rule, stored[source], index[source])
+    return json.loads(header["ttswap.entries"]), tensors, derived
+
+
+def describe_conversion(model: nn.Module, recipe: Recipe, backend: Backend,
+                        input_shape: Sequence[int]) -> dict[str, str]:
+    """What ``ttswap cache info`` shows of an entry: the model (timm's architecture name when it has one),
+    recipe, backend and input shape."""
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    name = pretrained_cfg.get("architecture") if isinstance(pretrained_cfg, dict) else None
+    return {"model": name or type(model).__name__, "recipe": recipe.name, "backend": backend.name,
+            "input_shape": "x".join(map(str, input_shape))}
+
+
+def about(path: Path) -> dict[str, str]:
+    """What an entry file says it is (model, recipe, backend, input shape, created), for ``ttswap cache
+    info``; ``{"error": ...}`` when its header cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        info = json.loads(header.get("ttswap.about", "{}"))
+        info["format"] = header.get("ttswap.format", "?")
+        if "ttswap.created" in header:
+            info["created"] = header["ttswap.created"]
+        return info
+    except Exception as exc:  # damaged: a conversion that reads it rebuilds it
+        return {"error": f"unreadable ({exc})"}
 
 
 def _to_file(t: torch.Tensor, seen: set[int]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -325,15 +460,19 @@ def _flatten(name: str, obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return {"kind": "result", "class": f"{kind.__module__}:{kind.__qualname__}", "fields": fields}, tensors
 
 
-def _rebuild(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+def _rebuild(entry: dict[str, Any], tensors: dict[str, torch.Tensor], derived: dict[str, _Derived]) -> Any:
     module, qualname = entry["class"].split(":")
     if module != "ttswap" and not module.startswith("ttswap."):
         raise _Unusable(f"entry class {entry['class']!r} is not ttswap's")
     kind = functools.reduce(getattr, qualname.split("."), importlib.import_module(module))
     fields = {}
     for field, spec in entry["fields"].items():
-        if spec is None or isinstance(spec, str):
-            fields[field] = None if spec is None else tensors[spec]
+        if spec is None:
+            fields[field] = None
+        elif isinstance(spec, str):
+            fields[field] = tensors[spec] if spec in tensors else derived[spec].compute()
+        elif any(v in derived for v in spec.values()):
+            fields[field] = _LazyTensors({k: tensors[v] if v in tensors else derived[v] for k, v in spec.items()})
         else:
             fields[field] = {k: tensors[v] for k, v in spec.items()}
     return kind(**fields)
@@ -373,22 +512,5 @@ def _decode_meta(data: dict[str, Any]) -> Any:
     return value
 
 
-def _evict(directory: Path, keep: Path) -> None:
-    """Delete the least recently used cache files beyond ``MAX_CACHE_BYTES`` (never ``keep``)."""
-    files = []
-    for path in directory.glob("*.safetensors"):
-        try:
-            stat = path.stat()
-        except FileNotFoundError:  # another process evicted it
-            continue
-        files.append((stat.st_mtime, stat.st_size, path))
-    total = 0
-    for _, size, path in sorted(files, reverse=True):
-        total += size
-        if total > MAX_CACHE_BYTES and path != keep:
-            path.unlink(missing_ok=True)
-            log.info("weight cache: evicted %s", path)
-
-
-__all__ = ["CacheWarning", "ConversionCache", "ENV_VAR", "Fingerprint", "MAX_CACHE_BYTES", "cache_dir",
-           "default_dir", "weights_digest"]
+__all__ = ["CacheWarning", "ConversionCache", "ENV_VAR", "Fingerprint", "about", "cache_dir", "default_dir",
+           "describe_conversion", "max_bytes", "weights_digest"]

@@ -6,6 +6,7 @@
     ttswap convert ttswap.models.yolov4:YOLOv4 --recipe yolov4 --weights yolov4.weights --save yolov4.safetensors
     ttswap compare ttswap.models.yolov4:YOLOv4 --recipe yolov4 --json compare.json --plot pcc.png
     ttswap bench ese_vovnet19b_dw --recipe ese_vovnet
+    ttswap cache info | prune | clear
 
 MODEL is a timm model name or ``module:callable`` (a function or class building the model). Progress
 goes to stderr. An error prints one line and exits with status 1 (argparse's usage errors: 2);
@@ -110,6 +111,37 @@ def _bench(args: argparse.Namespace) -> None:
     ])
 
 
+def _cache(args: argparse.Namespace) -> None:
+    from ttswap.cache import about
+    from ttswap.cache_store import cache_dir, entries, max_bytes, prune
+
+    directory = cache_dir(args.cache_dir or True)
+    limit = max_bytes(args.max_bytes)
+    if args.action == "info":
+        found = entries(directory)
+        total = sum(e.size for e in found)
+        print(f"{directory}: {len(found)} entries, {_size_text(total)} of a {_size_text(limit)} cap")
+        if found:
+            rows = [("last used", "size", "model", "recipe", "backend", "input", "key")]
+            for entry in reversed(found):  # most recently used first
+                info = about(entry.path)
+                last_used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+                rows.append((last_used, _size_text(entry.size), info.get("model", info.get("error", "?")),
+                             info.get("recipe", "?"), info.get("backend", "?"), info.get("input_shape", "?"),
+                             entry.key[:12]))
+            _print_table(rows)
+        return
+    result = prune(directory, 0 if args.action == "clear" else limit)
+    print(f"{directory}: removed {len(result.removed)} entries ({_size_text(result.freed)})"
+          + (f" and {result.temporary_files} unfinished write(s)" if result.temporary_files else "")
+          + (f"; kept {len(result.in_use)} in use by a running conversion" if result.in_use else "")
+          + f"; {_size_text(sum(e.size for e in entries(directory)))} left")
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 1e3:.0f} kB" if size < 1e6 else f"{size / 1e6:.1f} MB"
+
+
 # -- shared steps ------------------------------------------------------------------------------------
 
 
@@ -126,7 +158,7 @@ def _model_and_conversion(args: argparse.Namespace):
         _load_weights(model, Path(args.weights))
     cache = False if args.no_cache else (args.cache_dir or True)
     converted = convert(model, recipe, input_shape=args.input_shape, backend=args.backend, cache=cache,
-                        strict=args.strict)
+                        cache_max_bytes=args.cache_max_bytes, strict=args.strict)
     return model, converted
 
 
@@ -194,6 +226,15 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _size(text: str) -> int:
+    from ttswap.cache_store import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _kwargs(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -228,6 +269,8 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--cache-dir", metavar="DIR", help="weight cache directory (default: $TTSWAP_CACHE_DIR "
                                                           "or ~/.cache/ttswap/weights)")
     model.add_argument("--no-cache", action="store_true", help="do not read or write the weight cache")
+    model.add_argument("--cache-max-bytes", metavar="SIZE", type=_size,
+                       help="cap of the weight cache, e.g. 500M or 2G (default: $TTSWAP_CACHE_MAX_BYTES, else 2G)")
 
     convert = commands.add_parser("convert", parents=[model], help="convert a model and print its report")
     convert.add_argument("--report", metavar="FILE", help="write the conversion report as JSON")
@@ -247,6 +290,15 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", parents=[model], help="conversion time and forward time against torch eager")
     bench.add_argument("--repeat", type=int, default=3, help="timed forwards per model, after one warm-up")
     bench.set_defaults(run=_bench)
+
+    cache = commands.add_parser("cache", parents=[common], help="show or empty the weight cache")
+    cache.add_argument("action", choices=("info", "prune", "clear"),
+                       help="info: entries, sizes, last use, model and recipe; prune: delete least recently used "
+                            "entries beyond the cap; clear: delete every entry (entries in use are kept)")
+    cache.add_argument("--cache-dir", metavar="DIR", help="default: $TTSWAP_CACHE_DIR or ~/.cache/ttswap/weights")
+    cache.add_argument("--max-bytes", metavar="SIZE", type=_size,
+                       help="the cap for prune, e.g. 500M or 2G (default: $TTSWAP_CACHE_MAX_BYTES, else 2G)")
+    cache.set_defaults(run=_cache)
     return parser
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class ShardLayout(str, Enum):
@@ -51,6 +54,10 @@ class OpConfig:
     fp32_acc: bool = False
     act_block_h: int | None = None  # rows of the im2col block per core; None lets the backend choose
     deallocate: bool = True  # free the op's input once consumed
+    # ttnn's packer_l1_acc: the packer adds each K-block's sums into the partials buffer in L1 instead of
+    # reloading them into Dst; a conv's partials then stay fp32 (with fp32_acc) or bfloat16, not the
+    # output dtype, at the price of an L1 buffer of their own (docs/numerics.md, "K-blocks")
+    packer_l1_acc: bool = False
 
     def __post_init__(self) -> None:
         if self.act_block_h is not None and (self.act_block_h <= 0 or self.act_block_h % 32):
@@ -68,6 +75,7 @@ class OpConfig:
             "fp32_acc": self.fp32_acc,
             "act_block_h": self.act_block_h,
             "deallocate": self.deallocate,
+            "packer_l1_acc": self.packer_l1_acc,
         }
 
 
@@ -126,6 +134,15 @@ class Conv2dSpec:
     def is_depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.in_channels
 
+    @classmethod
+    def from_torch(cls, conv: "nn.Conv2d") -> "Conv2dSpec":
+        """The geometry of a torch ``Conv2d``; ValueError for one the device cannot run as written."""
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError(f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}; "
+                             "only explicit zero padding runs on device")
+        return cls(conv.in_channels, conv.out_channels, _pair(conv.kernel_size), _pair(conv.stride),
+                   _pair(conv.padding), _pair(conv.dilation), conv.groups)
+
 
 @dataclass(frozen=True)
 class Pool2dSpec:
@@ -134,6 +151,16 @@ class Pool2dSpec:
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     ceil_mode: bool = False
+
+    @classmethod
+    def from_torch(cls, pool: "nn.MaxPool2d | nn.AvgPool2d") -> "Pool2dSpec":
+        """The window of a torch ``MaxPool2d`` or ``AvgPool2d`` (no stride: the kernel's); ValueError for
+        what the device does not return. AvgPool2d's divisor options stay with the avgpool layer."""
+        if getattr(pool, "return_indices", False):
+            raise ValueError("max pool with return_indices=True")
+        stride = pool.stride if pool.stride not in (None, [], ()) else pool.kernel_size
+        return cls(_pair(pool.kernel_size), _pair(stride), _pair(pool.padding),
+                   _pair(getattr(pool, "dilation", 1)), bool(pool.ceil_mode))
 
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
         out = []
@@ -145,3 +172,8 @@ class Pool2dSpec:
                 n -= 1
             out.append(n)
         return out[0], out[1]
+
+
+def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """torch's int-or-pair argument as a pair."""
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))

@@ -203,6 +203,26 @@ class LockstepBackend(Backend):
         self.reference.close()
         self.checked.close()
 
+    # -- channel slices, four-sided conv padding, LayerNorm over channels ------------------------
+    def slice_channels(self, x: DeviceTensor, start: int, stop: int, cfg: OpConfig, layer: str) -> DeviceTensor:
+        return self._both("slice_channels", layer, x, start, stop, cfg, layer)
+
+    def conv2d_padded(self, x: DeviceTensor, weights: Pair, spec: Conv2dSpec, padding: tuple[int, int, int, int],
+                      cfg: OpConfig, layer: str, activation: Activation | None = None) -> DeviceTensor:
+        return self._both("conv2d_padded", layer, x, weights, spec, padding, cfg, layer, activation)
+
+    def prepare_layer_norm(self, weight: torch.Tensor | None, bias: torch.Tensor | None, cfg: OpConfig,
+                           layer: str) -> Pair:
+        return Pair(self.reference.prepare_layer_norm(weight, bias, cfg, layer),
+                    self.checked.prepare_layer_norm(weight, bias, cfg, layer))
+
+    def layer_norm(self, x: DeviceTensor, weights: Pair, eps: float, cfg: OpConfig, layer: str) -> DeviceTensor:
+        return self._both("layer_norm", layer, x, weights, eps, cfg, layer)
+
+    def global_response_norm(self, x: DeviceTensor, weights: Pair, eps: float, cfg: OpConfig,
+                             layer: str) -> DeviceTensor:
+        return self._both("global_response_norm", layer, x, weights, eps, cfg, layer)
+
 
 def _detached(error: BaseException) -> BaseException:
     """``error`` and the errors it chains, without tracebacks: their frames would keep the failed

@@ -4,14 +4,26 @@ In mock mode tt-metal validates and dispatches every op exactly as on a device (
 circular-buffer and L1 budgets, allocations) but computes nothing: tensors read back as zeros. It
 needs three things the ttnn wheel does not provide:
 
-* a cluster descriptor naming the mocked machine (ttswap ships a Wormhole n150 one);
+* a cluster descriptor naming the mocked machine. ttswap ships three Wormhole boards (:data:`BOARDS`):
+  ``n150`` (one chip, the default), ``n300`` (two chips) and ``t3k`` (eight chips), chosen with
+  ``TTSWAP_MOCK_BOARD`` or ``python -m ttswap.mock --board NAME``;
 * a RISC-V "compiler", because tt-metal builds every kernel it dispatches. ttswap installs a
   stand-in (``data/mock_compiler.sh``) that links tiny stub ELFs with Debian's stock
   ``binutils-riscv64-unknown-elf``, unpacked into a project-local cache;
 * a writable JIT cache directory.
 
 The environment variables only have to be set before the process first opens a device or converts a
-tensor to a block-float format; ``import ttnn`` reads neither.
+tensor to a block-float format; ``import ttnn`` reads neither. So the board is chosen once per process:
+to use another one, start another process (the tests run each board in a subprocess).
+
+The n300 and T3K descriptors are faithful: every chip has two Tensix rows harvested, as on shipping
+n300 boards (UMD warns "Board n300 expects 2 units" otherwise). With dispatch on ethernet cores, which
+is what tt-metal uses on these boards, a mock mesh reports an 8x8 grid, yet mock mode checks programs
+against an 8x7 worker grid, and ttnn's own ``relu`` fails ("targets node (0,7), which is out of
+bounds"). With dispatch on a worker row the mesh reports 8x7 and every op runs, but the dispatch row
+has no cores left for a second command queue. So ttswap opens a mock multi-chip mesh with worker
+dispatch and one command queue (:attr:`MockBoard.dispatch`, :attr:`MockBoard.max_command_queues`):
+its grid is 8x7, smaller than a real n300's 8x8, which also exercises recipes on a smaller grid.
 
 Run ``python -m ttswap.mock`` to prepare it and print the variables as shell ``export`` lines, or
 call :func:`ensure_mock_mode` from Python. Both are idempotent; once everything is in place
@@ -28,10 +40,34 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CLUSTER_DESCRIPTOR = PACKAGE_DIR / "data" / "wormhole_n150_cluster.yaml"
+
+
+@dataclass(frozen=True)
+class MockBoard:
+    """A Wormhole board mock mode can stand in for."""
+
+    name: str
+    descriptor: Path  # UMD cluster descriptor (ttswap/data/)
+    chips: int
+    mesh_shape: tuple[int, int]  # the mesh tt-metal's demos open on this board (MESH_DEVICE=N150/N300/T3K)
+    # how ttswap opens it in mock mode ("worker" or "ethernet" dispatch cores); see the module docstring
+    dispatch: str = "worker"
+    max_command_queues: int = 2
+
+
+BOARDS = {
+    "n150": MockBoard("n150", PACKAGE_DIR / "data" / "wormhole_n150_cluster.yaml", 1, (1, 1)),
+    "n300": MockBoard("n300", PACKAGE_DIR / "data" / "wormhole_n300_cluster.yaml", 2, (1, 2), max_command_queues=1),
+    "t3k": MockBoard("t3k", PACKAGE_DIR / "data" / "wormhole_t3k_cluster.yaml", 8, (1, 8), max_command_queues=1),
+}
+DEFAULT_BOARD = "n150"
+BOARD_ENV = "TTSWAP_MOCK_BOARD"
+CLUSTER_ENV = "TT_METAL_MOCK_CLUSTER_DESC_PATH"
+CLUSTER_DESCRIPTOR = BOARDS[DEFAULT_BOARD].descriptor
 COMPILER_TEMPLATE = PACKAGE_DIR / "data" / "mock_compiler.sh"
 # <repo>/.ttswap/mock for a source checkout; a per-user cache for an installed wheel
 DEFAULT_MOCK_DIR = (
@@ -184,11 +220,42 @@ def install_compiler(ttnn_dir: Path, binutils_bin: Path, stubs: Path) -> Path:
     return target
 
 
-def ensure_mock_mode() -> dict[str, str]:
-    """Prepare mock mode for this interpreter's ttnn and set its environment variables.
+def board(name: str | None = None) -> MockBoard:
+    """The board called ``name``; by default ``$TTSWAP_MOCK_BOARD``, else n150."""
+    name = (name or os.environ.get(BOARD_ENV) or DEFAULT_BOARD).strip().lower()
+    if name not in BOARDS:
+        raise MockSetupError(f"unknown mock board {name!r} (from {BOARD_ENV} or --board); valid: {', '.join(BOARDS)}")
+    return BOARDS[name]
 
-    Variables already set (by the user, or an earlier call) are kept. Returns the values in effect.
+
+def current_board() -> MockBoard | None:
+    """The shipped board this process's mock mode uses (None when not in mock mode, or when
+    ``TT_METAL_MOCK_CLUSTER_DESC_PATH`` names a descriptor of the user's own)."""
+    path = os.environ.get(CLUSTER_ENV)
+    if not path:
+        return None
+    for candidate in BOARDS.values():
+        if Path(path).resolve() == candidate.descriptor.resolve():
+            return candidate
+    return None
+
+
+def ensure_mock_mode(board_name: str | None = None) -> dict[str, str]:
+    """Prepare mock mode for this interpreter's ttnn and set its environment variables, for
+    ``board_name`` (default ``$TTSWAP_MOCK_BOARD``, else n150).
+
+    Variables already set (by the user, or an earlier call) are kept; a board asked for explicitly that
+    differs from the descriptor already in effect is an error, since ttnn reads it once per process.
+    Returns the values in effect.
     """
+    chosen = board(board_name)
+    explicit = board_name or os.environ.get(BOARD_ENV)
+    in_effect = os.environ.get(CLUSTER_ENV)
+    if explicit and in_effect and Path(in_effect).resolve() != chosen.descriptor.resolve():
+        raise MockSetupError(
+            f"mock board {chosen.name!r} asked for, but {CLUSTER_ENV} already names {in_effect}; the board is "
+            "chosen once per process: unset one of them, or run the other board in a new process"
+        )
     root = mock_dir()
     root.mkdir(parents=True, exist_ok=True)
     ttnn_dir = ttnn_package_dir()
@@ -196,19 +263,26 @@ def ensure_mock_mode() -> dict[str, str]:
     install_compiler(ttnn_dir, binutils_bin, ensure_stub_objects(root, binutils_bin))
     cache = root / "cache"
     cache.mkdir(exist_ok=True)
+    if not in_effect:
+        os.environ[BOARD_ENV] = chosen.name  # for child processes: the same board
     wanted = {
-        "TT_METAL_MOCK_CLUSTER_DESC_PATH": str(CLUSTER_DESCRIPTOR),
+        CLUSTER_ENV: str(chosen.descriptor),
         # tt-metal appends its own directory names to this prefix, hence the trailing slash
         "TT_METAL_CACHE": f"{cache}/",
     }
     for name, value in wanted.items():
         os.environ.setdefault(name, value)
-    return {name: os.environ[name] for name in wanted}
+    return {name: os.environ[name] for name in (BOARD_ENV, *wanted) if name in os.environ}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ttswap.mock", description=__doc__.split("\n")[0])
+    parser.add_argument("--board", choices=sorted(BOARDS), help=f"board to mock (default: ${BOARD_ENV}, else n150)")
+    args = parser.parse_args(argv)
     try:
-        variables = ensure_mock_mode()
+        variables = ensure_mock_mode(args.board)
     except MockSetupError as error:
         raise SystemExit(f"ttswap.mock: {error}") from error
     for name, value in variables.items():

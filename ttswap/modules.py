@@ -7,7 +7,8 @@ and each crossing is counted on the backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,20 +18,27 @@ from ttswap.backends.base import Backend, DeviceTensor
 from ttswap.config import OpConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerInfo:
-    """What the report shows for one replacement."""
+    """What one replacement runs with, decided in full before the module is built (recipe, then policy:
+    kept inputs, the bfloat8_b guard), and what the report shows for it."""
 
     layer: str
     rewriter: str
     config: OpConfig | None
     rules: tuple[str, ...] = ()
-    l1_bytes: int | None = None
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()  # the traced nodes this layer computes, in graph order, its output last
+    input_shapes: tuple[tuple[int, ...], ...] = ()  # the traced shape of each input, in forward order
+    output_shape: tuple[int, ...] = ()
+
+    def replace(self, **changes: Any) -> "LayerInfo":
+        return dataclasses.replace(self, **changes)
 
 
 class TTModule(nn.Module):
-    """A replacement backed by the op layer. Subclasses implement ``forward`` on DeviceTensors."""
+    """A replacement backed by the op layer. Subclasses implement ``forward`` on DeviceTensors and,
+    when they can estimate it, ``l1_bytes``."""
 
     def __init__(self, backend: Backend, info: LayerInfo):
         super().__init__()
@@ -46,11 +54,22 @@ class TTModule(nn.Module):
         assert self.info.config is not None
         return self.info.config
 
-    def keep_inputs(self) -> None:
-        """Do not free the inputs: another layer reads them later. Composite layers forward this to
-        the sub-layer that consumes the input."""
-        if self.info.config is not None and self.info.config.deallocate:
-            self.info.config = self.info.config.replace(deallocate=False)
+    @property
+    def l1_bytes(self) -> int | None:
+        """Peak L1 bytes per core this layer's ops need (an estimate); None when not estimated."""
+        return None
+
+    def part_for(self, node: str) -> "TTModule":
+        """The layer that computes traced node ``node``: a composite's part that claims it, else itself."""
+        for module in self.modules():
+            if module is not self and isinstance(module, TTModule) and node in module.info.nodes:
+                return module.part_for(node)
+        return self
+
+    def reconfigure(self, config: OpConfig) -> None:
+        """Run with ``config`` from now on. For the tuner, which tries numerics on conversions of its own;
+        a converted model's report describes the configs its layers were built with."""
+        self.info = self.info.replace(config=config)
 
     def extra_repr(self) -> str:
         cfg = self.info.config
@@ -72,8 +91,9 @@ class Upload(nn.Module):
         self.backend, self.cfg, self.counter, self.name = backend, cfg, counter, name
 
     def forward(self, x: torch.Tensor) -> DeviceTensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise TypeError(f"upload of {self.name!r} expects a 4-D NCHW tensor, got {_describe(x)}")
+        # integers would be quantized to bfloat16 as if they were activations: refuse them as torch's conv does
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            raise TypeError(f"upload of {self.name!r} expects a floating-point 4-D NCHW tensor, got {_describe(x)}")
         self.counter.uploads += 1
         return self.backend.upload(x, self.cfg, layer=self.name)
 
@@ -91,4 +111,4 @@ class Download(nn.Module):
 
 
 def _describe(x: Any) -> str:
-    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+    return f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__

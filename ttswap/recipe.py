@@ -18,8 +18,9 @@ A recipe is TOML::
     act_block_h = "default"             # a multiple of 32, or "default": ttnn chooses (undoes a wider rule)
     note = "why this rule"              # optional: shown in the report of the layers it sets
 
-The name ``"auto"`` loads ``ttswap.auto_recipe.AutoRecipe``, which tunes a recipe per model
-(``Recipe.for_model``); ``Recipe.to_toml`` writes any recipe, a tuned one included, back as a file.
+Names registered with ``register_recipe_factory`` (``ttswap.tuning`` registers ``"auto"``, which tunes a
+recipe per model through ``Recipe.for_model``) load from their factory; ``Recipe.to_toml`` writes any
+recipe, a tuned one included, back as a file.
 
     [resolutions."640x640"]             # optional: rules that apply only at this input size
     rules = [{ match = "down1.*", act_block_h = 64 }]
@@ -35,7 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ttswap.config import DType, Fidelity, OpConfig, ShardLayout, resolve_auto_shard
 
@@ -54,6 +55,7 @@ _FIELD_TYPES: dict[str, Any] = {
     "fp32_acc": bool,
     "act_block_h": int,
     "deallocate": bool,
+    "packer_l1_acc": bool,
 }
 DEFAULT_ACT_BLOCK_H = "default"  # how a recipe file spells act_block_h=None: ttnn's own choice
 _ENUM_ALIASES = {"bfloat8_b": "bfp8_b", "bfloat16": "bf16", "float32": "fp32", "lofi": "LoFi", "hifi2": "HiFi2",
@@ -103,6 +105,19 @@ class Rule:
         return fnmatch.fnmatchcase(layer, self.match) and (not self.ops or op in self.ops)
 
 
+# Rewriter names a rule's ``op`` may use, filled by ``ttswap.patterns.registry.register``. The patterns
+# read recipes, so recipes check the names without importing the patterns.
+REWRITER_NAMES: set[str] = set()
+# Recipes made per model rather than read from a file, by name. ``ttswap.tuning`` registers "auto":
+# recipes stay data that knows nothing of tuning, and tuning sits above the converter.
+_FACTORIES: dict[str, Callable[[], "Recipe"]] = {}
+
+
+def register_recipe_factory(name: str, factory: Callable[[], "Recipe"]) -> None:
+    """Make ``Recipe.load(name)`` (and ``convert(model, name)``) return ``factory()``."""
+    _FACTORIES[name] = factory
+
+
 @dataclass(frozen=True)
 class ResolvedConfig:
     config: OpConfig
@@ -129,10 +144,8 @@ class Recipe:
     def load(cls, name_or_path: "str | Path | Recipe") -> "Recipe":
         if isinstance(name_or_path, Recipe):
             return name_or_path
-        if name_or_path == "auto":
-            from ttswap.auto_recipe import AutoRecipe  # late: it converts, and convert imports recipes
-
-            return AutoRecipe()
+        if isinstance(name_or_path, str) and name_or_path in _FACTORIES:
+            return _FACTORIES[name_or_path]()
         path = Path(name_or_path)
         if path.suffix == ".toml" or path.exists():
             if not path.is_file():
@@ -165,8 +178,9 @@ class Recipe:
             raise RecipeError(f"{source}: [recipe]: field 'input_shape' must be 4 positive integers [N, C, H, W], got {shape!r}")
         if guard is not None and not (isinstance(guard, (int, float)) and guard > 0):
             raise RecipeError(f"{source}: [recipe]: field 'bfp8_guard' must be a positive number, got {guard!r}")
+        overrides = parse_overrides(data.get("defaults", {}), f"{source}: [defaults]")  # its errors say where
         try:
-            defaults = OpConfig(**parse_overrides(data.get("defaults", {}), f"{source}: [defaults]"))
+            defaults = OpConfig(**overrides)
         except (TypeError, ValueError) as exc:
             raise RecipeError(f"{source}: [defaults]: {exc}") from None
         rules = _parse_rules(data.get("rules", []), source, "rules")
@@ -184,7 +198,8 @@ class Recipe:
 
     # -- use ---------------------------------------------------------------------------------------
     def for_model(self, model: Any, input_shape: tuple[int, ...], backend: Any = None) -> "Recipe":
-        """The recipe that converts ``model`` on ``backend``: this one. ``AutoRecipe`` tunes one."""
+        """The recipe that converts ``model`` on ``backend``: this one. A subclass made by a registered
+        factory (``register_recipe_factory``) may make one for the model instead."""
         return self
 
     def override(self, match: str = "*", **fields: Any) -> "Recipe":
@@ -287,11 +302,9 @@ def _parse_rules(raw: Any, source: str, section: str) -> list[Rule]:
         note = table.pop("note", "")
         if not isinstance(note, str):
             raise RecipeError(f"{where}: field 'note' must be a string, got {note!r}")
-        from ttswap.patterns import rewriter_names  # late: patterns import modules that import recipes
-
-        unknown_ops = [o for o in ops if o not in rewriter_names()]
+        unknown_ops = [o for o in ops if o not in REWRITER_NAMES]
         if unknown_ops:
-            raise RecipeError(f"{where}: field 'op' names unknown rewriter(s) {unknown_ops}; known: {', '.join(rewriter_names())}")
+            raise RecipeError(f"{where}: field 'op' names unknown rewriter(s) {unknown_ops}; known: {', '.join(sorted(REWRITER_NAMES))}")
         overrides = parse_overrides(table, where)
         try:
             OpConfig(**overrides)

@@ -84,7 +84,8 @@ class ConversionReport:
                 f"converted in {self.seconds:.2f} s")
 
     def table(self) -> str:
-        head = ("node", "op", "replacement", "layer", "shard", "act", "weights", "fidelity", "L1/core", "notes / fallback")
+        head = ("node", "op", "replacement", "layer", "shard", "act", "weights", "fidelity", "L1/core",
+                "notes / fallback")
         rows = [head]
         for r in self.records:
             c = r.config

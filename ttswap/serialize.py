@@ -31,17 +31,16 @@ import importlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ttswap.cache import weights_digest
+from ttswap.converter import ConvertedModel, convert, register_saver
 from ttswap.recipe import Recipe
 from ttswap.report import ConversionReport
 
-if TYPE_CHECKING:
-    from ttswap.converter import ConvertedModel
 
 FORMAT = 1
 _IMPORT_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -127,7 +126,7 @@ def save(converted: "ConvertedModel", path: str | Path, *, model_ref: str | None
     model (``module:callable`` or a timm name); by default it is inferred and checked."""
     from safetensors.torch import save_model
 
-    import ttswap
+    from ttswap._version import __version__
 
     source = converted.source
     if source is None:
@@ -147,7 +146,7 @@ def save(converted: "ConvertedModel", path: str | Path, *, model_ref: str | None
 
     metadata = {
         "ttswap.format": str(FORMAT),
-        "ttswap.version": ttswap.__version__,
+        "ttswap.version": __version__,
         "ttswap.model": json.dumps({"ref": model_ref, "kwargs": model_kwargs}),
         "ttswap.recipe": json.dumps(converted.recipe.to_tables()),
         "ttswap.input_shape": json.dumps(list(converted.input_shape)),
@@ -166,8 +165,7 @@ def load(path: str | Path, *, backend: str = "auto", cache: "bool | str | Path" 
     that converts it differently."""
     from safetensors.torch import load_model
 
-    import ttswap
-    from ttswap.converter import convert
+    from ttswap._version import __version__
 
     path = Path(path)
     if not path.is_file():
@@ -189,7 +187,7 @@ def load(path: str | Path, *, backend: str = "auto", cache: "bool | str | Path" 
                         backend=backend, cache=cache)
     saved, now = _field(header, path, "ttswap.graph"), graph_description(converted.report)
     if saved != now:
-        raise SerializationError(_graph_difference(path, header["ttswap.version"], ttswap.__version__, saved, now))
+        raise SerializationError(_graph_difference(path, header["ttswap.version"], __version__, saved, now))
     return converted
 
 
@@ -204,10 +202,10 @@ def _header(path: Path) -> dict[str, str]:
     if "ttswap.format" not in header:
         raise SerializationError(f"{path} is a safetensors file but not a saved ttswap model")
     if header["ttswap.format"] != str(FORMAT):
-        import ttswap
+        from ttswap._version import __version__
 
         raise SerializationError(f"{path} was saved in format {header['ttswap.format']} by ttswap "
-                                 f"{header.get('ttswap.version', '?')}; ttswap {ttswap.__version__} reads format {FORMAT}")
+                                 f"{header.get('ttswap.version', '?')}; ttswap {__version__} reads format {FORMAT}")
     return header
 
 
@@ -248,6 +246,8 @@ def _node_change(saved: dict[str, Any], now: dict[str, Any] | None) -> str:
             changes.append(f"{key} {value!r} -> {now.get(key)!r}")
     return f"node {saved['node']}: " + ", ".join(changes)
 
+
+register_saver(save)  # ConvertedModel.save writes through this module
 
 __all__ = ["FORMAT", "SerializationError", "build_model", "graph_description", "is_import_ref", "load",
            "model_ref_of", "save"]

@@ -18,7 +18,15 @@ def _timm_leaf_types() -> tuple[type, ...]:
         from timm.layers.norm_act import BatchNormAct2d
     except ImportError:
         return ()
-    return tuple({BatchNormAct2d, *get_notrace_modules()})
+    leaves = {BatchNormAct2d, *get_notrace_modules()}
+    try:  # ResNeSt's split attention and ConvNeXt-V2's GRN match whole (patterns/split_attention.py, grn.py)
+        from timm.layers.grn import GlobalResponseNorm
+        from timm.layers.split_attn import SplitAttn
+
+        leaves.update((SplitAttn, GlobalResponseNorm))
+    except ImportError:
+        pass
+    return tuple(leaves)
 
 
 class LeafTracer(fx.Tracer):
@@ -79,3 +87,10 @@ def node_scope(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     scope = list(stack.keys())[-1] if stack else ""
     return f"{scope}.{node.name}" if scope else node.name
+
+
+def call_arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    """Argument ``name`` of a traced call, passed by position ``index`` or by keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)

@@ -45,29 +45,34 @@ class DarknetFormatError(ValueError):
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``.pth``/``.pt``/``.safetensors`` file into a flat ``{name: tensor}`` dict on the CPU.
 
-    ``{"state_dict": ...}`` and ``{"model": ...}`` wrappers are unwrapped, and a ``module.`` prefix that
-    every key carries (DataParallel) is stripped.
+    The format is told by the file's first bytes, not its suffix (a zip checkpoint, torch's legacy
+    pickle format, or safetensors); anything else is refused as such. ``{"state_dict": ...}`` and
+    ``{"model": ...}`` wrappers are unwrapped, and a ``module.`` prefix that every key carries
+    (DataParallel) is stripped.
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    if suffix not in (".safetensors", ".pth", ".pt"):
+        raise ValueError(f"{path}: unknown weights format {suffix!r}; expected .pth, .pt or .safetensors")
+    kind = checkpoint_kind(path)
+    if kind is None:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise ValueError(
+            f"{path} is neither a zip checkpoint (torch.save), a legacy pickle checkpoint (torch.save before "
+            f"PyTorch 1.6) nor safetensors ({'it is empty' if not head else f'it starts with {head!r}'}); "
+            "is it a weights file?"
+        )
+    if kind == "safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        obj: object = load_file(str(path), device="cpu")
-    elif suffix in (".pth", ".pt"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-            raise ValueError(
-                f"{path} stores Python objects beyond tensors and containers"
-                + (f" ({culprit.group(1)})" if culprit else "")
-                + ", so it can only be read by full unpickling, which can run arbitrary code and which ttswap "
-                "refuses. Re-save it as a plain state dict, e.g. torch.save(model.state_dict(), path), "
-                "or as .safetensors."
-            ) from err
+            obj: object = load_file(str(path), device="cpu")
+        except SafetensorError as err:
+            raise ValueError(f"{path} is a damaged safetensors file: {err}") from err
     else:
-        raise ValueError(f"{path}: unknown weights format {suffix!r}; expected .pth, .pt or .safetensors")
+        obj = _torch_load(path, kind)
 
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
@@ -83,6 +88,44 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+# How torch's legacy (pre-zip) checkpoints start: the pickled magic number (protocol 2), without STOP.
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive's end record
+
+
+def checkpoint_kind(path: str | Path) -> str | None:
+    """``"zip"``, ``"legacy"`` (torch's pickle format) or ``"safetensors"``, from the file's first
+    bytes; None for anything else."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head == _LEGACY_MAGIC:
+        return "legacy"
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors"
+    return None
+
+
+def _torch_load(path: Path, kind: str) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if culprit is None:  # no class it refused: the pickle itself is broken
+            raise ValueError(f"{path} is a damaged {kind} checkpoint: torch cannot read it") from err
+        raise ValueError(
+            f"{path} stores Python objects beyond tensors and containers ({culprit.group(1)}), so it can only "
+            "be read by full unpickling, which can run arbitrary code and which ttswap refuses. Re-save it as a "
+            "plain state dict, e.g. torch.save(model.state_dict(), path), or as .safetensors."
+        ) from err
+    except (RuntimeError, EOFError, KeyError, IndexError, ValueError) as err:  # truncated or corrupt
+        raise ValueError(f"{path} is a damaged {kind} checkpoint: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'no detail'}") from err
 
 
 def _rename(key: str, renames: Mapping[str, str]) -> str:

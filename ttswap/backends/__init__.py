@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 
 from ttswap.backends.base import Backend
+from ttswap.backends.device import tenstorrent_device_present
 
 logger = logging.getLogger("ttswap")
 
-BACKEND_NAMES = ("auto", "emulated", "ttnn")
+BACKEND_NAMES = ("auto", "emulated", "ttnn", "golden")
 
 
-def tenstorrent_device_present() -> bool:
-    """Whether the Tenstorrent kernel driver exposes a device. Never opens one."""
-    return bool(glob.glob("/dev/tenstorrent/*"))
-
-
-def get_backend(name: str = "auto") -> Backend:
-    """``"ttnn"`` (the real library: a device, else mock mode), ``"emulated"`` (pure torch), or
-    ``"auto"``: ttnn when a Tenstorrent device is present, otherwise emulated."""
+def get_backend(name: str = "auto", mesh: tuple[int, int] | None = None) -> Backend:
+    """``"ttnn"`` (the real library: a device, else mock mode), ``"emulated"`` (pure torch),
+    ``"golden"`` (the ttnn backend's code with each op computed by ttnn's CPU reference: a value check
+    of the ttnn path, no device needed), or ``"auto"``: ttnn when a Tenstorrent device is present,
+    otherwise emulated. ``mesh=(rows, cols)`` runs data parallel over that many chips (ttnn's mesh)."""
     if name == "auto":
         if tenstorrent_device_present():
             name = "ttnn"
@@ -29,13 +26,19 @@ def get_backend(name: str = "auto") -> Backend:
     if name == "emulated":
         from ttswap.backends.emulated import EmulatedBackend
 
-        return EmulatedBackend()
-    if name == "ttnn":
+        return EmulatedBackend(mesh=mesh) if mesh is not None else EmulatedBackend()
+    if name in ("ttnn", "golden"):
         try:
             from ttswap.backends.ttnn_backend import TtnnBackend
         except ModuleNotFoundError as error:
             if error.name != "ttnn":
                 raise
-            raise ImportError("the ttnn backend needs ttnn==0.81.1: pip install 'ttswap[tt]'") from error
-        return TtnnBackend()
+            raise ImportError(f"the {name} backend needs ttnn==0.81.1: pip install 'ttswap[tt]'") from error
+        if name == "golden":
+            from ttswap.backends.golden import GoldenBackend
+
+            if mesh not in (None, (1, 1)):
+                raise ValueError("the golden backend computes on the CPU, one chip: it takes no mesh")
+            return GoldenBackend()
+        return TtnnBackend(mesh=mesh) if mesh is not None else TtnnBackend()
     raise ValueError(f"unknown backend {name!r}; valid names: {', '.join(BACKEND_NAMES)}")

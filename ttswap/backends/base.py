@@ -21,9 +21,10 @@ from ttswap.config import Activation, Conv2dSpec, DType, Layout, OpConfig, Pool2
 TILE = 32
 GRID = (8, 8)  # Wormhole n150 worker grid (x, y)
 L1_BYTES_PER_CORE = 1_499_136  # physical L1 per Wormhole worker core
-# What ttnn can actually allocate per core once firmware, the l1_small region (32 KiB, as TtnnBackend
-# opens the device) and its other reservations are taken: the bank size ttnn reports. Mock-mode runs
-# failed every conv whose estimate reached 1.38 MB and ran one at 1.354 MB, so budgets use this.
+# What one core's buffers and circular buffers may fill: L1 less the firmware region, the l1_small
+# region (32 KiB, as TtnnBackend opens the device) and ttnn's other reservations; the bank size
+# ttnn 0.81.1 reports. Mock-mode runs failed every conv whose estimate (backends/l1.py) reached
+# 1.38 MB and ran one at 1.354 MB, so budgets use this.
 L1_ALLOCATABLE_BYTES = 1_360_544
 
 # Activations ttnn 0.81.1 fuses into conv2d, and into add (found by dispatching each in mock mode);
@@ -32,8 +33,26 @@ CONV_FUSED_ACTIVATIONS = frozenset({"relu", "relu6", "silu", "sigmoid", "hardsig
 ELTWISE_FUSED_ACTIVATIONS = CONV_FUSED_ACTIVATIONS | {"leaky_relu", "hardswish"}
 
 
+def mesh_shape(mesh: "Sequence[int] | None") -> tuple[int, int]:
+    """``mesh`` as (rows, cols) of chips; None is one chip. Anything else is an error."""
+    shape = tuple(mesh) if mesh is not None else (1, 1)
+    if len(shape) != 2 or not all(isinstance(v, int) and v > 0 for v in shape):
+        raise ValueError(f"mesh must be (rows, cols) of positive integers, got {mesh!r}")
+    return shape  # type: ignore[return-value]
+
+
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def tiles(n: int) -> int:
+    """Whole tiles along a dimension of ``n`` elements."""
+    return -(-n // TILE)
+
+
+def largest_divisor(value: int, limit: int) -> int:
+    """The largest divisor of ``value`` not above ``limit``: how many cores share ``value`` tiles evenly."""
+    return max(d for d in range(1, min(value, limit) + 1) if value % d == 0)
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,26 @@ class Backend(ABC):
     that errors and reports name the layer."""
 
     name: str
+    # Data parallel over a mesh of chips (rows, cols): weights on every chip, the batch split between
+    # them (see check_batch). (1, 1): one chip.
+    mesh: tuple[int, int] = (1, 1)
+
+    @property
+    def chips(self) -> int:
+        return self.mesh[0] * self.mesh[1]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Each chip's worker grid (x, y): GRID unless the backend knows its device's."""
+        return GRID
+
+    def check_batch(self, n: int, layer: str) -> int:
+        """The images per chip when a batch of ``n`` is split over the mesh; a batch the chips cannot
+        share evenly is an error naming the layer."""
+        if n % self.chips:
+            raise ValueError(f"layer {layer!r}: a batch of {n} cannot be split evenly over the {self.chips} chips of "
+                             f"mesh {self.mesh}; use a batch that is a multiple of {self.chips}")
+        return n // self.chips
 
     # -- transfers -------------------------------------------------------------------------------
     @abstractmethod
@@ -185,3 +224,33 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release the device, if any."""
+
+    # -- channel slices, four-sided conv padding, LayerNorm over channels ------------------------
+    @abstractmethod
+    def slice_channels(self, x: DeviceTensor, start: int, stop: int, cfg: OpConfig, layer: str) -> DeviceTensor:
+        """Channels [start, stop) of ``x``, every pixel kept. The values move unchanged, in ``x``'s dtype
+        (bfloat8_b cut inside a tile's channels comes back bfloat16, which holds its values exactly). A
+        height-sharded tiled ``x`` cut at tile boundaries stays on its cores; otherwise the slice reads
+        from L1 interleaved."""
+
+    @abstractmethod
+    def conv2d_padded(self, x: DeviceTensor, weights: Any, spec: Conv2dSpec, padding: tuple[int, int, int, int],
+                      cfg: OpConfig, layer: str, activation: Activation | None = None) -> DeviceTensor:
+        """``conv2d`` with zero padding (top, bottom, left, right), as TensorFlow's "same" convs pad;
+        ``spec.padding`` must be (0, 0). ``weights`` come from ``prepare_conv`` with that spec."""
+
+    @abstractmethod
+    def prepare_layer_norm(self, weight: torch.Tensor | None, bias: torch.Tensor | None, cfg: OpConfig,
+                           layer: str) -> Any:
+        """A LayerNorm's per-channel affine parameters, as ``layer_norm`` consumes them."""
+
+    @abstractmethod
+    def layer_norm(self, x: DeviceTensor, weights: Any, eps: float, cfg: OpConfig, layer: str) -> DeviceTensor:
+        """LayerNorm over each pixel's channels (ConvNeXt's ``LayerNorm2d``); the output is L1 interleaved."""
+
+    @abstractmethod
+    def global_response_norm(self, x: DeviceTensor, weights: Any, eps: float, cfg: OpConfig,
+                             layer: str) -> DeviceTensor:
+        """ConvNeXt-V2's GRN on each image: g = the L2 norm of each channel over H and W, then
+        ``x * (1 + gamma * g / (mean_c(g) + eps)) + beta``; ``weights`` from ``prepare_layer_norm``.
+        The output is L1 interleaved."""

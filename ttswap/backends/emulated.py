@@ -2,8 +2,11 @@
 
 A payload is an [N, H, W, C] float32 tensor (contiguous, so channels are innermost as in ttnn's
 [1, 1, N*H*W, C]) holding values already rounded to the tensor's dtype. Convolutions run through
-``F.conv2d`` on channels-last views of the same memory. Numerics live in ``numerics.py``, placement on
-the core grid and per-core L1 budgets in ``l1.py``; docs/numerics.md explains both.
+``F.conv2d`` on channels-last views of the same memory, one call per K-block (a kernel row of the
+im2col matrix, or a slice of its channels) so that the partial sums can be rounded between blocks as
+ttnn's kernels do. Number formats and roundings live in ``numerics.py``, the kernels' K-block loop in
+``kernels.py``, placement on the core grid and per-core L1 budgets in ``l1.py``; docs/numerics.md
+explains all three with the kernel sources they follow.
 
 Dtypes, layouts, placement and activation fusion follow ``TtnnBackend`` (see its module docstring),
 so that both backends describe the same tensors: every compute op writes ``cfg.act_dtype`` in tiles
@@ -15,20 +18,31 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ttswap.backends import l1
-from ttswap.backends.base import CONV_FUSED_ACTIVATIONS, ELTWISE_FUSED_ACTIVATIONS, TILE, Backend, DeviceTensor, MemorySpec
+from ttswap.backends import kernels, l1
+from ttswap.backends.base import (
+    CONV_FUSED_ACTIVATIONS,
+    ELTWISE_FUSED_ACTIVATIONS,
+    TILE,
+    Backend,
+    DeviceTensor,
+    MemorySpec,
+    mesh_shape,
+    round_up,
+)
 from ttswap.backends.numerics import (
     BFP_BLOCK,
     accumulate_in_bf16_dest,
     dest_rounding_steps,
     fidelity_terms,
+    pack,
     quantize,
     round_bf16,
+    sfpu_store,
     srca_operand,
     srcb_operand,
 )
@@ -43,10 +57,18 @@ _L1_INTERLEAVED = MemorySpec()
 @dataclass(frozen=True)
 class PreparedWeights:
     """Weights as the device holds them, quantized to the weight dtype, with the bits each fidelity
-    phase reads precomputed (``operands['high' | 'full']``)."""
+    phase reads precomputed (``operands['high' | 'full']``: conv [C_out, C_in/groups, kh, kw]
+    channels-last, linear [K, N]). ``rows`` caches a conv's per-kernel-row slices."""
 
     operands: dict[str, torch.Tensor]
     bias: torch.Tensor | None
+    rows: dict[tuple[str, int], torch.Tensor] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def kernel_row(self, bits: str, row: int) -> torch.Tensor:
+        key = (bits, row)
+        if key not in self.rows:
+            self.rows[key] = self.operands[bits][:, :, row:row + 1, :].contiguous(memory_format=torch.channels_last)
+        return self.rows[key]
 
 
 def _activate(y: torch.Tensor, act: Activation, inplace: bool = False) -> torch.Tensor:
@@ -73,6 +95,12 @@ def _activate(y: torch.Tensor, act: Activation, inplace: bool = False) -> torch.
     raise ValueError(f"unsupported activation {kind!r}")
 
 
+def _unary(values: torch.Tensor, act: Activation, dtype: DType, inplace: bool = False) -> torch.Tensor:
+    """A ttnn unary op: the input unpacked to a 16-bit Dst (unary ops run without fp32 accumulation on
+    bfloat16 data), the SFPU's result stored into it, packed back to ``dtype``."""
+    return pack(sfpu_store(_activate(values, act, inplace=inplace), act.kind, fp32_dest=False), dtype)
+
+
 def _srcb(values: torch.Tensor, dtype: DType, bits: str) -> torch.Tensor:
     """The activation bits a fidelity phase reads; bfloat16 and bfloat8_b values are read whole."""
     if bits == "full" and dtype is not DType.FLOAT32:
@@ -93,6 +121,127 @@ def _conv_k_chunks(spec: Conv2dSpec) -> int:
     return kh * kw * math.ceil(spec.in_channels // spec.groups / BFP_BLOCK)
 
 
+def _im2col_operand(x: DeviceTensor, spec: Conv2dSpec, cfg: OpConfig, layout: ShardLayout,
+                    schedule: kernels.KSchedule) -> torch.Tensor | None:
+    """The activations the matrix engine reads, when they differ from ``x.payload``; None when equal.
+
+    conv2d tilizes its im2col block into a buffer in the *output* dtype (``get_cb_info``: ACT_TILIZED
+    takes ``output_df``; a 1x1 conv's input is ``to_layout(TILE, output_dtype)``), so bfloat8_b outputs
+    re-quantize the activations in blocks of 16 along K. When a kernel position's channels (padded to
+    8 on HEIGHT, whole tiles per core otherwise) are a multiple of 16, those blocks are the input's
+    own 16-channel blocks: a quantization of the input along channels. Otherwise see ``_im2col_rows``.
+    """
+    if cfg.act_dtype is not DType.BFP8_B or _needs_im2col_rows(spec, cfg, layout, schedule):
+        return None
+    if x.dtype is DType.BFP8_B:
+        return None  # already quantized in these very blocks
+    return pack(x.payload, DType.BFP8_B)
+
+
+def _needs_im2col_rows(spec: Conv2dSpec, cfg: OpConfig, layout: ShardLayout, schedule: kernels.KSchedule) -> bool:
+    """bfloat8_b output and HEIGHT sharding with C_in (padded to 8) not a multiple of 16: a block of the
+    im2col row spans two pixels (the 3-channel stem), so it is built explicitly (dense convs only)."""
+    return (cfg.act_dtype is DType.BFP8_B and layout is ShardLayout.HEIGHT and not schedule.matmul
+            and spec.groups == 1 and round_up(spec.in_channels, l1.STICK_ALIGN) % BFP_BLOCK != 0)
+
+
+def _im2col_rows(x: torch.Tensor, spec: Conv2dSpec, h_out: int, w_out: int) -> torch.Tensor:
+    """ttnn's im2col matrix of an NHWC input, [N, H_out, W_out, kh, round_up(kw * C_pad, 32)]: per
+    output pixel and kernel row, kw pixels of C_in channels padded to 8, the row padded to a tile,
+    quantized to bfloat8_b in blocks of 16 along it."""
+    n, _, _, c = x.shape
+    kh, kw = spec.kernel
+    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    c_pad = round_up(c, l1.STICK_ALIGN)
+    xp = F.pad(x, (0, c_pad - c, pw, pw, ph, ph))
+    taps = [
+        xp[:, r * dh: r * dh + (h_out - 1) * sh + 1: sh, q * dw: q * dw + (w_out - 1) * sw + 1: sw, :]
+        for r in range(kh) for q in range(kw)
+    ]
+    rows = torch.stack(taps, dim=3).reshape(n, h_out, w_out, kh, kw * c_pad)
+    width = round_up(kw * c_pad, TILE)
+    rows = F.pad(rows, (0, width - kw * c_pad))
+    return pack(rows, DType.BFP8_B)
+
+
+def _conv_k_block_products(x: DeviceTensor, weights: PreparedWeights, spec: Conv2dSpec, cfg: OpConfig,
+                           schedule: kernels.KSchedule, layout: ShardLayout) -> Iterator[torch.Tensor]:
+    """Each K-block's exact sum of fidelity-masked products, NHWC float32, in the kernel's order."""
+    h_out, w_out = spec.output_hw(x.h, x.w)
+    terms = fidelity_terms(cfg.fidelity)
+    if _needs_im2col_rows(spec, cfg, layout, schedule):
+        rows = _im2col_rows(x.payload, spec, h_out, w_out)
+        kh, kw = spec.kernel
+        c, c_pad = spec.in_channels, round_up(spec.in_channels, l1.STICK_ALIGN)
+        taps = rows[..., : kw * c_pad].reshape(x.n, h_out, w_out, kh, kw, c_pad)[..., :c]
+        total = None
+        for r in range(kh):
+            tap = taps[:, :, :, r].reshape(-1, kw * c)
+            block = None
+            for bits_b, bits_a in terms:
+                # weight row r as [kw * C_in, C_out], matching the tap order (kw, c)
+                w_row = weights.operands[bits_a][:, :, r, :].permute(2, 1, 0).reshape(kw * c, -1)
+                term = _srcb(tap, DType.BFP8_B, bits_b) @ w_row
+                block = term if block is None else block.add_(term)
+            block = block.reshape(x.n, h_out, w_out, -1)
+            if schedule.kernel_rows:
+                yield block
+            else:
+                total = block if total is None else total.add_(block)
+        if total is not None:
+            yield total
+        return
+
+    operand = _im2col_operand(x, spec, cfg, layout, schedule)
+    values, dtype = (x.payload, x.dtype) if operand is None else (operand, cfg.act_dtype)
+    (sh, _), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    # the activation bits each fidelity term reads, NCHW views of channels-last memory, padded once
+    inputs = {}
+    for bits_b, _ in terms:
+        if bits_b not in inputs:
+            image = _srcb(values, dtype, bits_b).permute(0, 3, 1, 2)
+            if schedule.kernel_rows:  # (made channels-last explicitly: torch's slow path otherwise)
+                image = F.pad(image, (pw, pw, ph, ph)).contiguous(memory_format=torch.channels_last)
+            inputs[bits_b] = image
+    full_channels = schedule.channel_slices == ((0, spec.in_channels),)
+    for r in range(schedule.kh if schedule.kernel_rows else 1):
+        for c0, c1 in schedule.channel_slices:
+            block = None
+            for bits_b, bits_a in terms:
+                image = inputs[bits_b]
+                if schedule.kernel_rows:
+                    image = image[:, :, r * dh: r * dh + (h_out - 1) * sh + 1, :]
+                    weight = weights.kernel_row(bits_a, r)
+                    padding, dilation = (0, 0), (1, dw)
+                else:
+                    weight = weights.operands[bits_a]
+                    padding, dilation = spec.padding, spec.dilation
+                if full_channels:
+                    term = F.conv2d(image, weight, None, spec.stride, padding, dilation, spec.groups)
+                else:
+                    term = _channel_block_conv(image, weight, spec, c0, c1, padding, dilation)
+                block = term if block is None else block.add_(term)
+            yield block.permute(0, 2, 3, 1)  # NHWC view: the conv ran channels-last
+
+
+def _channel_block_conv(image: torch.Tensor, weight: torch.Tensor, spec: Conv2dSpec, c0: int, c1: int,
+                        padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """The products of input channels [c0, c1) only, for every output channel. ttnn expands a grouped
+    conv's weights block-diagonally, so a K-block of input channels holds the groups inside it and
+    zeros for every other output channel."""
+    if spec.groups == 1:
+        return F.conv2d(image[:, c0:c1], weight[:, c0:c1], None, spec.stride, padding, dilation)
+    cin_g, cout_g = spec.in_channels // spec.groups, spec.out_channels // spec.groups
+    g0, g1 = c0 // cin_g, -(-c1 // cin_g)  # the groups the block touches, the edge ones perhaps in part
+    kept = torch.zeros(spec.in_channels, dtype=torch.bool)
+    kept[c0:c1] = True
+    inputs = image[:, g0 * cin_g:g1 * cin_g] * kept[g0 * cin_g:g1 * cin_g].view(1, -1, 1, 1).to(image.dtype)
+    term = F.conv2d(inputs, weight[g0 * cout_g:g1 * cout_g], None, spec.stride, padding, dilation, g1 - g0)
+    out = term.new_zeros(term.shape[0], spec.out_channels, *term.shape[2:])
+    out[:, g0 * cout_g:g1 * cout_g] = term
+    return out.contiguous(memory_format=torch.channels_last)
+
+
 def _tiled(payload: torch.Tensor, n: int, h: int, w: int, c: int, dtype: DType, memory: MemorySpec) -> DeviceTensor:
     return DeviceTensor(payload, n, h, w, c, dtype, Layout.TILE, memory)
 
@@ -102,9 +251,12 @@ class EmulatedBackend(Backend):
 
     name = "emulated"
 
-    def __init__(self, check_l1: bool = True) -> None:
+    def __init__(self, check_l1: bool = True, mesh: tuple[int, int] = (1, 1)) -> None:
         # the live tensors' L1, counted against every op's budget as ttnn's allocator counts it
         self.resident = l1.ResidentTensors()
+        # data parallel: every image is computed as on one chip, so the values are one chip's; the L1
+        # budget is checked for the whole batch on one chip, which errs on the safe side
+        self.mesh = mesh_shape(mesh)
         # False: values and placement only, for observing a configuration that does not fit (the
         # auto recipe does, to see every op before choosing layouts that do)
         self.check_l1 = check_l1
@@ -118,6 +270,7 @@ class EmulatedBackend(Backend):
         if x.dim() != 4:
             raise ValueError(f"layer {layer!r}: upload expects an NCHW tensor, got shape {tuple(x.shape)}")
         n, c, h, w = x.shape
+        self.check_batch(n, layer)
         payload = quantize(x.detach().float().permute(0, 2, 3, 1).contiguous(), cfg.act_dtype)
         layout = Layout.TILE if cfg.act_dtype is DType.BFP8_B else Layout.ROW_MAJOR  # bfloat8_b only tiles
         return self.resident.add(DeviceTensor(payload, n, h, w, c, cfg.act_dtype, layout, _L1_INTERLEAVED))
@@ -186,28 +339,25 @@ class EmulatedBackend(Backend):
         # The estimate counts the input shard the conv computes from. An input laid out otherwise
         # is resharded into it first, and unless deallocate frees the original then, both stay.
         kept_apart = x.memory.layout is not layout and not cfg.deallocate
-        self._check_l1(layer, l1.estimate_conv_l1(spec, x.n, x.h, x.w, cfg), *(() if kept_apart else (x,)))
+        has_bias = weights.bias is not None
+        estimate = l1.estimate_conv_l1(spec, x.n, x.h, x.w, cfg, has_bias=has_bias)
+        self._check_l1(layer, estimate, *(() if kept_apart else (x,)))
         grid = l1.conv_shard_grid(layout, spec, x.n * h_out * w_out, cfg.act_block_h)
 
-        y = None
-        for bits_b, bits_a in fidelity_terms(cfg.fidelity):
-            term = F.conv2d(
-                _srcb(x.payload, x.dtype, bits_b).permute(0, 3, 1, 2),
-                weights.operands[bits_a],
-                weights.bias if y is None else None,
-                spec.stride,
-                spec.padding,
-                spec.dilation,
-                spec.groups,
-            )
-            y = term if y is None else y.add_(term)
-        y = y.permute(0, 2, 3, 1)  # NHWC view; contiguous because the conv ran channels-last
-        if not cfg.fp32_acc:
-            y = accumulate_in_bf16_dest(y, dest_rounding_steps(_conv_k_chunks(spec), cfg.fidelity))
+        schedule = kernels.conv_k_schedule(spec, layout, grid)
+        steps = dest_rounding_steps(_conv_k_chunks(spec), cfg.fidelity)
+        # blocks whose intermediate packs change nothing are computed as one product (same values up
+        # to float32 summation order, several times faster than one conv call per block)
+        merged = kernels.blocks_mergeable(schedule, cfg, has_bias)
+        products = dataclasses.replace(schedule, kernel_rows=False, channel_slices=((0, spec.in_channels),)) \
+            if merged else schedule
+        blocks = _conv_k_block_products(x, weights, spec, cfg, products, layout)
+        steps_per_block = steps if merged else -(-steps // schedule.blocks)
+        y = kernels.accumulate_k_blocks(blocks, schedule, weights.bias, cfg, steps_per_block, merged=merged)
         fused = activation is not None and activation.kind in CONV_FUSED_ACTIVATIONS
-        if fused:
-            y = _activate(y, activation, inplace=True)
-        out = _tiled(quantize(y, cfg.act_dtype).contiguous(), x.n, h_out, w_out, spec.out_channels,
+        if fused:  # on the SFPU, in Dst, before the pack
+            y = sfpu_store(_activate(y, activation, inplace=True), activation.kind, cfg.fp32_acc)
+        out = _tiled(pack(y, cfg.act_dtype).contiguous(), x.n, h_out, w_out, spec.out_channels,
                      cfg.act_dtype, grid.memory_spec())
         if cfg.deallocate:  # ttnn frees the input once the conv has read it
             self.resident.discard(x)
@@ -245,9 +395,18 @@ class EmulatedBackend(Backend):
         # 1/divisor per window, from pooling ones: the count summed over the count averaged.
         ones = x.payload.new_ones(1, 1, x.h, x.w)
         scale = round_bf16(pool(ones, divisor_override) / pool(ones, 1))
-        y = (pool(x.payload.permute(0, 3, 1, 2), 1) * scale).permute(0, 2, 3, 1)
+        # compute_pool_2d.cpp reduces with the window in SrcA and the scaler in SrcB (tilizeA_B_reduce),
+        # so the math fidelity truncates the data to SrcA's bits, the scaler to SrcB's.
+        images = x.payload.permute(0, 3, 1, 2)
+        y = None
+        for bits_b, bits_a in fidelity_terms(cfg.fidelity):
+            term = pool(srca_operand(images, bits_a), 1) * srcb_operand(scale, bits_b)
+            y = term if y is None else y.add_(term)
+        y = y.permute(0, 2, 3, 1)
+        if not cfg.fp32_acc:
+            y = round_bf16(y)  # one window's sum rounds in a 16-bit Dst
         memory = l1.pool_shard_grid(grid, x.n * h_out * w_out).memory_spec()
-        out = _tiled(quantize(y, cfg.act_dtype).contiguous(), x.n, h_out, w_out, x.c, cfg.act_dtype, memory)
+        out = _tiled(pack(y, cfg.act_dtype).contiguous(), x.n, h_out, w_out, x.c, cfg.act_dtype, memory)
         return self._place(out, cfg, layer)
 
     def upsample_nearest(self, x: DeviceTensor, scale: int, cfg: OpConfig, layer: str) -> DeviceTensor:
@@ -303,7 +462,9 @@ class EmulatedBackend(Backend):
             raise ValueError(f"layer {layer!r}: add of {a.describe()} and {b.describe()}")
         fused = activation is not None and activation.kind in ELTWISE_FUSED_ACTIVATIONS
         y = a.payload + b.payload
-        out = self._eltwise((a, b), _activate(y, activation, inplace=True) if fused else y, cfg, layer)
+        if fused:  # the FPU's sum in a 16-bit Dst, then the SFPU activation stored into it
+            y = sfpu_store(_activate(round_bf16(y), activation, inplace=True), activation.kind, fp32_dest=False)
+        out = self._eltwise((a, b), y, cfg, layer)
         if activation is not None and not fused:
             out = self._activate_own(out, activation, cfg, layer)
         return out
@@ -315,30 +476,43 @@ class EmulatedBackend(Backend):
 
     def activation(self, x: DeviceTensor, act: Activation, cfg: OpConfig, layer: str) -> DeviceTensor:
         self._check_l1(layer, l1.estimate_eltwise_l1(x.nhw, x.c, 1, l1.grid_of(x.memory), cfg), x)
-        out = dataclasses.replace(x, payload=quantize(_activate(x.payload, act), x.dtype))  # keeps its dtype
+        out = dataclasses.replace(x, payload=_unary(x.payload, act, x.dtype))  # keeps its dtype
         return self._place(out, cfg, layer)
 
     def _activate_own(self, x: DeviceTensor, act: Activation, cfg: OpConfig, layer: str) -> DeviceTensor:
         """An activation an op could not fuse, on the op's own output: in place, as TtnnBackend runs
         it, so it needs no L1 beyond ``x``."""
         self._check_l1(layer, l1.estimate_eltwise_l1(x.nhw, x.c, 0, l1.grid_of(x.memory), cfg), x)
-        out = dataclasses.replace(x, payload=quantize(_activate(x.payload, act, inplace=True), x.dtype))
+        out = dataclasses.replace(x, payload=_unary(x.payload, act, x.dtype, inplace=True))
         return self._place(out, cfg, layer)
 
     def _eltwise(
         self, inputs: tuple[DeviceTensor, ...], y: torch.Tensor, cfg: OpConfig, layer: str
     ) -> DeviceTensor:
-        """A binary result: float32 math on the inputs, rounded once, placed like its first input."""
+        """A binary result: float32 math on the inputs, rounded once, placed like its first input.
+
+        ttnn's binary ops run on the FPU into a 16-bit Dst (no fp32 accumulation for bfloat16 inputs),
+        whose narrowing is taken to round to nearest even (ISA ELWADD/ELWMUL: "hardware rounds", mode
+        not stated); the pack to bfloat16 is then exact."""
         like = inputs[0]
         estimate = l1.estimate_eltwise_l1(like.nhw, like.c, len(inputs), l1.grid_of(like.memory), cfg)
         self._check_l1(layer, estimate, *inputs)
-        out = _tiled(quantize(y, cfg.act_dtype), like.n, like.h, like.w, like.c, cfg.act_dtype, like.memory)
+        out = _tiled(pack(round_bf16(y), cfg.act_dtype), like.n, like.h, like.w, like.c, cfg.act_dtype, like.memory)
         return self._place(out, cfg, layer)
 
     def mean_hw(self, x: DeviceTensor, cfg: OpConfig, layer: str) -> DeviceTensor:
         # ttnn reduces with a 1/(H*W) scaler held in a bfloat16 tile, so the scale itself is rounded.
-        scaler = round_bf16(torch.tensor(1.0 / (x.h * x.w))).item()
-        y = quantize(x.payload.sum(dim=(1, 2), keepdim=True) * scaler, cfg.act_dtype)
+        # llk_unpack_reduce.h unpacks the data into SrcA and the scaler into SrcB, and GAPOOL runs the
+        # fidelity phases: at LoFi the data keeps 1 + 4 mantissa bits (truncated), the scaler 1 + 6.
+        scaler = round_bf16(torch.tensor(1.0 / (x.h * x.w)))
+        y = None
+        for bits_b, bits_a in fidelity_terms(cfg.fidelity):
+            term = srca_operand(x.payload, bits_a).sum(dim=(1, 2), keepdim=True) * srcb_operand(scaler, bits_b)
+            y = term if y is None else y + term
+        if not cfg.fp32_acc:
+            steps = dest_rounding_steps(math.ceil(x.h * x.w / BFP_BLOCK), cfg.fidelity)
+            y = round_bf16(accumulate_in_bf16_dest(y, steps))
+        y = pack(y, cfg.act_dtype)
         return self._place(_tiled(y, x.n, 1, 1, x.c, cfg.act_dtype, _L1_INTERLEAVED), cfg, layer)
 
     def linear(self, x: DeviceTensor, weights: PreparedWeights, cfg: OpConfig, layer: str) -> DeviceTensor:
@@ -346,15 +520,18 @@ class EmulatedBackend(Backend):
         if (x.h, x.w, x.c) != (1, 1, k):
             raise ValueError(f"layer {layer!r}: linear expects [N,1,1,{k}], got {x.describe()}")
         rows = x.payload.reshape(x.n, k)
+        if x.dtype is not cfg.act_dtype and cfg.act_dtype is DType.BFP8_B:
+            rows = pack(rows, cfg.act_dtype)  # ttnn.linear's in0 takes the output dtype, as a 1x1 conv's
         y = None
         for bits_b, bits_a in fidelity_terms(cfg.fidelity):
             term = _srcb(rows, x.dtype, bits_b) @ weights.operands[bits_a]
             y = term if y is None else y + term
-        if weights.bias is not None:
-            y = y + weights.bias
-        if not cfg.fp32_acc:
-            y = accumulate_in_bf16_dest(y, dest_rounding_steps(math.ceil(k / BFP_BLOCK), cfg.fidelity))
-        payload = quantize(y, cfg.act_dtype).reshape(x.n, 1, 1, n_out)
+        # one K-block (ttnn's auto in0_block_w for this shape is not in the wheel): the sum is packed to
+        # the partials buffer, and the bias added after it, as in every matmul with a fused bias
+        schedule = kernels.KSchedule(1, False, ((0, k),), True)
+        steps = dest_rounding_steps(math.ceil(k / BFP_BLOCK), cfg.fidelity)
+        y = kernels.accumulate_k_blocks([y], schedule, weights.bias, cfg, steps)
+        payload = pack(y, cfg.act_dtype).reshape(x.n, 1, 1, n_out)
         return self._place(_tiled(payload, x.n, 1, 1, n_out, cfg.act_dtype, _L1_INTERLEAVED), cfg, layer)
 
     # -- memory and layout -----------------------------------------------------------------------
@@ -380,3 +557,96 @@ class EmulatedBackend(Backend):
     def _pool_input_grid(x: DeviceTensor, nhw_out: int, cfg: OpConfig) -> l1.ShardGrid:
         """Pools work on their input's shards; an interleaved one is sharded by ``l1.pool_input_grid``."""
         return l1.grid_of(x.memory) or l1.pool_input_grid(cfg.shard, x.nhw, nhw_out, x.c)
+
+    # -- channel slices, four-sided conv padding, LayerNorm over channels ------------------------
+    def slice_channels(self, x: DeviceTensor, start: int, stop: int, cfg: OpConfig, layer: str) -> DeviceTensor:
+        if not 0 <= start < stop <= x.c:
+            raise ValueError(f"layer {layer!r}: channels [{start}, {stop}) of {x.describe()}")
+        on_cores = _slice_stays_sharded(x, start, stop)
+        memory = dataclasses.replace(x.memory, shard_shape=(x.memory.shard_shape[0], stop - start)) if on_cores \
+            else _L1_INTERLEAVED
+        self._check_l1(layer, l1.estimate_eltwise_l1(x.nhw, stop - start, 0, l1.grid_of(memory), cfg), x)
+        # bfloat8_b cut inside a tile: ttnn slices it as bfloat16, which holds its values exactly
+        dtype = DType.BF16 if x.dtype is DType.BFP8_B and not _tile_aligned(start, stop) else x.dtype
+        payload = x.payload[..., start:stop].contiguous()
+        return self._place(DeviceTensor(payload, x.n, x.h, x.w, stop - start, dtype, x.layout, memory), cfg, layer)
+
+    def conv2d_padded(self, x: DeviceTensor, weights: PreparedWeights, spec: Conv2dSpec,
+                      padding: tuple[int, int, int, int], cfg: OpConfig, layer: str,
+                      activation: Activation | None = None) -> DeviceTensor:
+        # Zeros add nothing to any product, so the conv of the zero-padded image is the padded conv,
+        # bit for bit. (Its L1 estimate and AUTO layout read the padded N*H*W, a few rows more.)
+        if spec.padding != (0, 0):
+            raise ValueError(f"layer {layer!r}: conv2d_padded takes its padding apart, got spec padding {spec.padding}")
+        top, bottom, left, right = padding
+        padded = dataclasses.replace(x, payload=F.pad(x.payload, (0, 0, left, right, top, bottom)),
+                                     h=x.h + top + bottom, w=x.w + left + right)
+        if cfg.deallocate:
+            self.resident.discard(x)
+        return self.conv2d(padded, weights, spec, cfg, layer, activation)
+
+    def prepare_layer_norm(self, weight: torch.Tensor | None, bias: torch.Tensor | None, cfg: OpConfig,
+                           layer: str) -> NormWeights:
+        # ttnn holds gamma and beta as bfloat16 tiles
+        return NormWeights(None if weight is None else round_bf16(weight.detach().float().flatten()),
+                           None if bias is None else round_bf16(bias.detach().float().flatten()))
+
+    def layer_norm(self, x: DeviceTensor, weights: NormWeights, eps: float, cfg: OpConfig, layer: str) -> DeviceTensor:
+        """ttnn's layernorm kernel: E[x] and E[(x - E[x])^2] by reductions with a 1/C scaler held in
+        bfloat16, rsqrt(var + eps), then gamma and beta. With fp32 accumulation its intermediate buffers
+        are float32; without, each intermediate is rounded to bfloat16."""
+        self._check_l1(layer, l1.estimate_eltwise_l1(x.nhw, x.c, 1, None, cfg), x)
+        keep = (lambda t: t) if cfg.fp32_acc else round_bf16
+        scaler = round_bf16(torch.tensor(1.0 / x.c))
+        values = x.payload
+        mean = keep(values.sum(dim=-1, keepdim=True) * scaler)
+        centred = keep(values - mean)
+        var = keep((centred * centred).sum(dim=-1, keepdim=True) * scaler)
+        y = keep(centred * keep(torch.rsqrt(var + eps)))
+        if weights.weight is not None:
+            y = keep(y * weights.weight)
+        if weights.bias is not None:
+            y = y + weights.bias
+        out = _tiled(pack(y, cfg.act_dtype).contiguous(), x.n, x.h, x.w, x.c, cfg.act_dtype, _L1_INTERLEAVED)
+        return self._place(out, cfg, layer)
+
+    def global_response_norm(self, x: DeviceTensor, weights: NormWeights, eps: float, cfg: OpConfig,
+                             layer: str) -> DeviceTensor:
+        self._check_l1(layer, l1.estimate_eltwise_l1(x.nhw, x.c, 2, None, cfg), x)
+        y = _grn_values(x, weights, eps)
+        out = _tiled(pack(y, cfg.act_dtype).contiguous(), x.n, x.h, x.w, x.c, cfg.act_dtype, _L1_INTERLEAVED)
+        return self._place(out, cfg, layer)
+
+
+@dataclass(frozen=True)
+class NormWeights:
+    """A LayerNorm's gamma and beta as the device holds them (bfloat16), [C] each."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def _tile_aligned(start: int, stop: int) -> bool:
+    return start % TILE == 0 and stop % TILE == 0
+
+
+def _slice_stays_sharded(x: DeviceTensor, start: int, stop: int) -> bool:
+    """ttnn slices a height-sharded tiled tensor on its own cores when the cut falls on tile columns."""
+    return (x.memory.layout is ShardLayout.HEIGHT and x.memory.shard_shape is not None and x.layout is Layout.TILE
+            and _tile_aligned(start, stop))
+
+
+def _grn_values(x: DeviceTensor, weights: NormWeights, eps: float) -> torch.Tensor:
+    """TtnnBackend's GRN op by op, each result rounded to bfloat16 as the op stores it: the squares, their
+    mean over H*W (a 1/(H*W) scaler in bfloat16), its square root (the norm over sqrt(H*W)), the mean of
+    that over channels, 1/(mean + eps/sqrt(H*W)), the per-channel scale 1 + gamma * norm / mean, x times
+    it, plus beta."""
+    values = x.payload
+    squares = round_bf16(values * values)
+    mean_sq = round_bf16(squares.sum(dim=(1, 2), keepdim=True) * round_bf16(torch.tensor(1.0 / (x.h * x.w))))
+    norm = round_bf16(torch.sqrt(mean_sq))
+    mean = round_bf16(norm.sum(dim=-1, keepdim=True) * round_bf16(torch.tensor(1.0 / x.c)))
+    inverse = round_bf16(1.0 / round_bf16(mean + eps / math.sqrt(x.h * x.w)))
+    scale = round_bf16(round_bf16(norm * inverse) * (weights.weight if weights.weight is not None else 1.0))
+    y = round_bf16(values * round_bf16(scale + 1.0))
+    return round_bf16(y + weights.bias) if weights.bias is not None else y

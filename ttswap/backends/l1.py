@@ -2,8 +2,9 @@
 
 The shard geometry reproduces what ttnn 0.81.1 chose for conv2d outputs in mock mode (rules in
 docs/numerics.md); the L1 figures are estimates of the per-core buffers an op allocates (sharded inputs
-and outputs, halo, im2col block, weight block, bias), checked against the configurations that ttnn's own
-circular-buffer allocation accepts or rejects. Every function returns bytes per core.
+and outputs, halo, im2col block, weight block, bias, and a partials buffer when its format is not the
+output's), checked against the configurations that ttnn's own circular-buffer allocation accepts or
+rejects. Every function returns bytes per core.
 """
 
 from __future__ import annotations
@@ -15,20 +16,15 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ttswap.backends.base import GRID, L1_ALLOCATABLE_BYTES, TILE, DeviceTensor, L1BudgetError, MemorySpec, round_up
+from ttswap.backends.base import largest_divisor as _largest_divisor, tiles as _tiles  # one definition each
+from ttswap.backends.numerics import packer_l1_acc_active, partials_dtype
 from ttswap.config import Conv2dSpec, DType, Layout, OpConfig, Pool2dSpec, ShardLayout, resolve_auto_shard
 
 TILE_BYTES = {DType.BF16: 2048, DType.BFP8_B: 1088, DType.FLOAT32: 4096}
 ELEMENT_BYTES = {DType.BF16: 2, DType.FLOAT32: 4}  # row-major dtypes (bfloat8_b only exists in tiles)
 L1_ALIGNMENT = 16  # bytes; a row-major page (one pixel's channels) is padded to it
 MAX_CORES = GRID[0] * GRID[1]
-# What one core's buffers and circular buffers may fill: L1 (1,499,136 B) less the firmware region
-# and the 32 KiB l1_small that TtnnBackend reserves; ttnn 0.81.1 reports its L1 banks at this size
-# and rejects convs whose peak, as estimated here, exceeds it (1.38 MB fails, 1.354 MB runs).
 STICK_ALIGN = 8  # channels of a row-major bfloat16 stick (pixel) are padded to 8: 16 B, the L1 alignment
-
-
-def _tiles(n: int) -> int:
-    return -(-n // TILE)
 
 
 @dataclass(frozen=True)
@@ -68,10 +64,6 @@ def split_tiles(total_tiles: int, max_cores: int, block_tiles: int | None = None
         per_core = -(-total_tiles // -(-total_tiles // block_tiles))
     cores = -(-total_tiles // per_core)
     return cores, -(-total_tiles // cores)
-
-
-def _largest_divisor(value: int, limit: int) -> int:
-    return max(d for d in range(1, min(value, limit) + 1) if value % d == 0)
 
 
 def is_matmul_conv(spec: Conv2dSpec) -> bool:
@@ -195,7 +187,9 @@ def resolve_conv_layout(spec: Conv2dSpec, nhw_in: int, cfg: OpConfig) -> ShardLa
     return cfg.shard
 
 
-def estimate_conv_l1(spec: Conv2dSpec, n: int, h: int, w: int, cfg: OpConfig) -> tuple[int, dict[str, int]]:
+def estimate_conv_l1(
+    spec: Conv2dSpec, n: int, h: int, w: int, cfg: OpConfig, has_bias: bool = True
+) -> tuple[int, dict[str, int]]:
     """Peak per-core L1 bytes of a sharded ttnn conv2d, and the buffers that make them up.
 
     Modelled on the circular buffers ttnn 0.81.1 allocates (read from its graph capture, matched within
@@ -205,6 +199,9 @@ def estimate_conv_l1(spec: Conv2dSpec, n: int, h: int, w: int, cfg: OpConfig) ->
     rows once the shard needs several act blocks) and the im2col block (act_block_h x kw * C_in) twice,
     row-major bfloat16 and tilized in the activation dtype. A 1x1 stride-1 conv is a matmul on the
     input shard. ``act_block_h`` None means ttnn's default, the whole output shard height.
+
+    The partials buffer shares the output's memory when it has the output's dtype; ``packer_l1_acc``
+    can give it a format (fp32 or bfloat16) and so a buffer of its own (the ``partials`` part).
     """
     h_out, w_out = spec.output_hw(h, w)
     nhw_out = n * h_out * w_out
@@ -240,8 +237,10 @@ def estimate_conv_l1(spec: Conv2dSpec, n: int, h: int, w: int, cfg: OpConfig) ->
             buffers = 2 if grid.col_cores > 1 else 1
             parts["weights"] = buffers * weights
             parts["act_mcast"] = buffers * _tiles(act_rows) * _tiles(cin_core) * act_tile
-        if cfg.fp32_acc:
-            parts["fp32_partials"] = _tiles(rows_out) * _tiles(cout_core) * TILE_BYTES[DType.FLOAT32]
+        k_blocks = grid.col_cores if layout is ShardLayout.BLOCK else 1
+        partials = partials_dtype(True, cfg, packer_l1_acc_active(cfg.packer_l1_acc, has_bias, k_blocks))
+        if partials is not cfg.act_dtype:
+            parts["partials"] = _tiles(rows_out) * _tiles(cout_core) * TILE_BYTES[partials]
         return sum(parts.values()), parts
 
     block_width = round_up(kw * cin_core, TILE)  # one kernel row of the im2col matrix
@@ -252,6 +251,11 @@ def estimate_conv_l1(spec: Conv2dSpec, n: int, h: int, w: int, cfg: OpConfig) ->
     parts["weights"] = kernel_rows * _tiles(block_width) * _tiles(cout_core) * weight_tile
     parts["act_row_major"] = act_rows * block_width * 2
     parts["act_tilized"] = _tiles(act_rows) * _tiles(block_width) * act_tile
+    k_blocks = kh * grid.col_cores if layout is ShardLayout.BLOCK else (grid.num_cores if layout is ShardLayout.WIDTH
+                                                                         else kh)
+    partials = partials_dtype(False, cfg, packer_l1_acc_active(cfg.packer_l1_acc, has_bias, k_blocks))
+    if partials is not cfg.act_dtype:
+        parts["partials"] = _tiles(rows_out) * _tiles(cout_core) * TILE_BYTES[partials]
     halo_step = parts["input_shard"] + parts["halo"]
     return max(halo_step, sum(parts.values()) - parts["input_shard"]), parts
 

@@ -1,9 +1,11 @@
-"""TT-NN numerics in plain torch: bfloat16 rounding, bfloat8_b block quantization, the Wormhole matrix
-engine's math fidelity, and the rounding of a 16-bit destination register.
+"""TT-NN numerics in plain torch: the number formats and the rounding each unit of a Wormhole Tensix core
+applies: bfloat16 and bfloat8_b (host conversion and packer), the matrix engine's math fidelity, the
+SFPU's stores into a 16-bit Dst, the unpacker's TF32 reads, and the rounding of a 16-bit Dst.
 
 Every tensor here is float32 holding values that are exactly representable in the modelled format: float32
 arithmetic on CPU is much faster than bfloat16 tensors, and the values stay bit-identical. The facts behind
-each model, with their sources, are in docs/numerics.md.
+each model, with the kernel and ISA sources they follow, are in docs/numerics.md; how the ops chain these
+steps (K-blocks, partials, bias after the pack) is in ``ttswap.backends.kernels``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 
 import torch
 
-from ttswap.config import DType, Fidelity
+from ttswap.config import DType, Fidelity, OpConfig
 
 BFP_BLOCK = 16  # values sharing one exponent: one row of a 16x16 tile face
 
@@ -93,12 +95,69 @@ def _block_max_abs(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(t: torch.Tensor, dtype: DType) -> torch.Tensor:
-    """Round to a storage dtype; bfloat8_b blocks run along the last dim (channels for [N,H,W,C])."""
+    """Round to a storage dtype as ttnn's *host* conversion does (``ttnn.from_torch``: uploads, weights,
+    biases); bfloat8_b blocks run along the last dim (channels for [N,H,W,C])."""
     if dtype is DType.BF16:
         return round_bf16(t)
     if dtype is DType.BFP8_B:
         return quantize_bfp8_b(t)
     return t.float()
+
+
+# -- what the device's own units do to a value -----------------------------------------------------
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.float().contiguous().view(torch.int32)
+
+
+def round_bf16_packer(t: torch.Tensor) -> torch.Tensor:
+    """The packer's rounding of a float32 Dst value to bfloat16: to nearest, **ties away from zero**
+    (ISA Packers/FormatConversion.md; ``llk_defs.h`` says ties to even, and the packer configuration
+    code has no tie-mode bit to settle it, so the ISA page's, the more pessimistic reading, is used).
+    Adding half an ulp to the magnitude bits and truncating is exactly that; it carries into the
+    exponent, and past the largest bfloat16 into infinity, as rounding must."""
+    return (_bits(t) + 0x8000).bitwise_and_(-(1 << 16)).view(torch.float32)
+
+
+def truncate_bf16(t: torch.Tensor) -> torch.Tensor:
+    """An SFPU store of a float32 lane into a 16-bit (bfloat16) Dst: mantissa truncated toward zero,
+    denormals flushed (ISA SFPSTORE.md, ``ToBF16``)."""
+    bits = _bits(t)
+    flushed = torch.where((bits & 0x7F800000) == 0, bits & -(1 << 31), bits)
+    return flushed.bitwise_and_(-(1 << 16)).view(torch.float32)
+
+
+def truncate_tf32(t: torch.Tensor) -> torch.Tensor:
+    """An unpack of float32 data into SrcA or SrcB, which hold at most TF32 (10 mantissa bits; ISA
+    Unpackers/FormatConversion.md). Whether the unpacker rounds or truncates is not documented:
+    truncation, the pessimistic reading."""
+    return _bits(t).bitwise_and(-(1 << 13)).view(torch.float32)
+
+
+def pack(t: torch.Tensor, dtype: DType) -> torch.Tensor:
+    """What the packer writes to L1 from a float32 Dst: bfloat16 rounded to nearest, ties away; bfloat8_b
+    first rounded to bfloat16 (the early conversion), then to blocks of 16 sharing an exponent (the late
+    conversion, modelled by the host conversion's block rounding); float32 as is."""
+    if dtype is DType.FLOAT32:
+        return t.float()
+    rounded = round_bf16_packer(t)
+    return quantize_bfp8_b(rounded) if dtype is DType.BFP8_B else rounded
+
+
+# Activations whose SFPU kernel rounds its float32 result to bfloat16 (``sfpi::convert<vFloat16b>(...,
+# RoundMode::Nearest)``) before storing it into a 16-bit Dst: ckernel_sfpu_mish.h, _silu.h, _sigmoid.h,
+# _gelu.h (bf16 accurate mode). The others store with SFPSTORE's truncation (relu and relu6 only ever
+# store an input value or a constant, which truncation leaves alone).
+SFPU_ROUNDING_ACTIVATIONS = frozenset({"mish", "silu", "sigmoid", "gelu"})
+
+
+def sfpu_store(t: torch.Tensor, kind: str, fp32_dest: bool) -> torch.Tensor:
+    """An activation's float32 result as the SFPU leaves it in Dst: unchanged in a float32 Dst; in a
+    16-bit Dst rounded to nearest by the kernels that say so, truncated by the others."""
+    if fp32_dest:
+        return t
+    return round_bf16(t) if kind in SFPU_ROUNDING_ACTIVATIONS else truncate_bf16(t)
 
 
 # -- math fidelity -------------------------------------------------------------------------------
@@ -172,3 +231,24 @@ def accumulate_in_bf16_dest(exact: torch.Tensor, steps: int) -> torch.Tensor:
     if steps <= 1:
         return exact
     return torch.lerp(exact, round_bf16(exact), math.sqrt((steps + 1) / 2))
+
+
+# -- partial sums between K-blocks ----------------------------------------------------------------
+
+
+def packer_l1_acc_active(requested: bool, has_bias: bool, k_blocks: int) -> bool:
+    """``determine_packer_l1_acc`` (tt-metal conv2d_utils.cpp): ttnn only accumulates in L1 when that
+    saves reloads, i.e. with a fused bias and more than one K-block, or more than two K-blocks."""
+    return requested and ((has_bias and k_blocks > 1) or k_blocks > 2)
+
+
+def partials_dtype(matmul: bool, cfg: OpConfig, l1_acc: bool) -> DType:
+    """The format of the partials buffer between K-blocks. conv2d (``get_cb_info``): fp32 or bfloat16
+    when L1 accumulation is in effect, otherwise the output dtype, even with fp32_acc. Matmul program
+    factories (``interm0_data_format``): fp32 whenever fp32_acc, else bfloat16 with L1 accumulation,
+    else the output dtype. A buffer of the output dtype shares the output's memory."""
+    if matmul and cfg.fp32_acc:
+        return DType.FLOAT32
+    if l1_acc:
+        return DType.FLOAT32 if cfg.fp32_acc else DType.BF16
+    return cfg.act_dtype

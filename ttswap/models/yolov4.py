@@ -11,8 +11,6 @@ decoding and NMS live in ``ttswap.detection`` so the converted model and this on
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -223,14 +221,6 @@ class YOLOv4(nn.Module):
         d5 = self.down5(d4)
         x20, x13, x6 = self.neck(d5, d4, d3)
         return self.head(x20, x13, x6)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, cfg: str | Path | None = None) -> "YOLOv4":
-        """Load a ``.pth``/``.pt``/``.safetensors`` state dict or a Darknet ``.weights`` file (see
-        ``ttswap.weights.load_yolov4``)."""
-        from ttswap.weights import load_yolov4  # ttswap.weights imports this module
-
-        return load_yolov4(path, cfg=cfg)
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, ConvBnAct]]:

@@ -4,24 +4,29 @@ Matches timm's ``ClassifierHead`` and the plain ``AdaptiveAvgPool2d(1) -> Flatte
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from ttswap.backends.base import DeviceTensor
+from ttswap.backends.base import Backend, DeviceTensor
+from ttswap.layers import eltwise_l1
 from ttswap.modules import LayerInfo, TTModule
 from ttswap.patterns.matcher import Call, Input, Match, Module
-from ttswap.patterns.registry import BuildContext, Unsupported, register
+from ttswap.patterns.registry import LayerContext, Unsupported, register
+from ttswap.trace import call_arg
 
 _pool = Module(nn.AdaptiveAvgPool2d, Input("x"), name="pool")
 
 
 class ClassifierHead(TTModule):
-    def __init__(self, ctx: BuildContext, info: LayerInfo, fc: nn.Linear):
-        super().__init__(ctx.backend, info)
-        bias = fc.bias.detach() if fc.bias is not None else None
-        self.weights = ctx.weight_cache.prepared(
-            info.layer, lambda: (fc.weight.detach(), bias),
-            lambda w, b: ctx.backend.prepare_linear(w, b, info.config, info.layer))
+    def __init__(self, backend: Backend, info: LayerInfo, weights: Any):
+        super().__init__(backend, info)
+        self.weights = weights
+
+    @property
+    def l1_bytes(self) -> int:
+        return eltwise_l1(self.info, 1)
 
     def forward(self, x: DeviceTensor) -> DeviceTensor:
         return self.backend.linear(self.backend.mean_hw(x, self.cfg, self.layer), self.weights, self.cfg, self.layer)
@@ -32,25 +37,24 @@ class ClassifierHead(TTModule):
     Module(nn.Linear, Module(nn.Flatten, _pool, name="flatten"), name="fc"),
     Module(nn.Linear, Call((torch.flatten, "flatten"), _pool, name="flatten"), name="fc"),
     Module(nn.Linear, Call("mean", Input("x"), name="mean"), name="fc"),
+    sized_by="x",
 )
-def build_head(match: Match, ctx: BuildContext):
+def build_head(match: Match, ctx: LayerContext) -> ClassifierHead:
     if "pool" in match.named:
-        size = match.module(ctx.gm, "pool").output_size
+        size = ctx.module("pool").output_size
         if size not in (1, (1, 1), [1, 1]):
             raise Unsupported(f"adaptive pool to {size}; only global (1x1) pooling feeds a device head")
     else:
         mean = match.named["mean"]
-        dims = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
-        if tuple(dims or ()) not in ((2, 3), (-2, -1)) or mean.kwargs.get("keepdim", False):
+        dims = call_arg(mean, 1, "dim")
+        if tuple(dims or ()) not in ((2, 3), (-2, -1)) or call_arg(mean, 2, "keepdim", False):
             raise Unsupported(f"mean over {dims} is not a global spatial pool")
-    n, c, h, w = ctx.nchw(match.inputs["x"])
+    _, _, h, w = ctx.nchw(match.inputs["x"])
     if len(ctx.shape(match.root)) != 2:
         raise Unsupported("flatten must leave [N, C] for the linear layer")
-    fc = match.module(ctx.gm, "fc")
-    resolved = ctx.config(match, "classifier_head", match.inputs["x"])
-    info = ctx.info(match, "classifier_head", resolved)
-    info.notes.append(f"mean {h}x{w} -> linear {fc.in_features}->{fc.out_features}")
-    from ttswap.backends.l1 import estimate_eltwise_l1
-
-    info.l1_bytes = estimate_eltwise_l1(n * h * w, c, 1, ctx.grid(resolved.config, match.inputs["x"]), resolved.config)[0]
-    return ClassifierHead(ctx, info, fc)
+    fc = ctx.module("fc")
+    info = ctx.info(f"mean {h}x{w} -> linear {fc.in_features}->{fc.out_features}")
+    bias = fc.bias.detach() if fc.bias is not None else None
+    weights = ctx.weight_cache.prepared(info.layer, lambda: (fc.weight.detach(), bias),
+                                        lambda w, b: ctx.backend.prepare_linear(w, b, info.config, info.layer))
+    return ClassifierHead(ctx.backend, info, weights)

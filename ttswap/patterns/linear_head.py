@@ -6,17 +6,19 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ttswap.backends.base import DeviceTensor
+from ttswap.backends.base import Backend, DeviceTensor
 from ttswap.backends.l1 import estimate_eltwise_l1
 from ttswap.modules import LayerInfo, TTModule
 from ttswap.patterns.matcher import Call, Input, Match, Module
-from ttswap.patterns.registry import BuildContext, Unsupported, register
+from ttswap.patterns.registry import LayerContext, Unsupported, register
+from ttswap.trace import call_arg
 
 _FLATTENS = (Module(nn.Flatten, Input("x"), name="flatten"),
              Call((torch.flatten, "flatten"), Input("x"), name="flatten"))
@@ -24,10 +26,14 @@ _INPUTS = (*_FLATTENS, *(Call(F.dropout, flat, name="dropout") for flat in _FLAT
 
 
 class LinearHead(TTModule):
-    def __init__(self, ctx: BuildContext, info: LayerInfo, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__(ctx.backend, info)
-        self.weights = ctx.weight_cache.prepared(
-            info.layer, lambda: (weight, bias), lambda w, b: ctx.backend.prepare_linear(w, b, info.config, info.layer))
+    def __init__(self, backend: Backend, info: LayerInfo, weights: Any):
+        super().__init__(backend, info)
+        self.weights = weights
+
+    @property
+    def l1_bytes(self) -> int:
+        n, c = self.info.input_shapes[0][:2]
+        return estimate_eltwise_l1(n, c, 1, None, self.cfg)[0]  # [N, C] rows, counted as interleaved
 
     def forward(self, x: DeviceTensor) -> DeviceTensor:
         return self.backend.linear(x, self.weights, self.cfg, self.layer)
@@ -42,25 +48,21 @@ def _constant(gm: fx.GraphModule, node: object, what: str) -> torch.Tensor | Non
 
 
 @register("linear", *(Module(nn.Linear, flat, name="fc") for flat in _INPUTS),
-          *(Call(F.linear, flat, name="fc") for flat in _INPUTS))
-def build_linear(match: Match, ctx: BuildContext):
-    if "dropout" in match.named:
-        drop = match.named["dropout"]
-        training = drop.args[2] if len(drop.args) > 2 else drop.kwargs.get("training", True)
-        if training is not False:
-            raise Unsupported("F.dropout in training mode")
-    n, c, h, w = ctx.nchw(match.inputs["x"])
+          *(Call(F.linear, flat, name="fc") for flat in _INPUTS), sized_by="x")
+def build_linear(match: Match, ctx: LayerContext) -> LinearHead:
+    if "dropout" in match.named and call_arg(match.named["dropout"], 2, "training", True) is not False:
+        raise Unsupported("F.dropout in training mode")
+    _, c, h, w = ctx.nchw(match.inputs["x"])
     if (h, w) != (1, 1):
         raise Unsupported(f"flatten of a {c}x{h}x{w} map; the device runs a linear layer on [N, C, 1, 1] only")
     node = match.named["fc"]
     if node.op == "call_module":
-        fc = match.module(ctx.gm, "fc")
+        fc = ctx.module("fc")
         weight, bias = fc.weight.detach(), fc.bias.detach() if fc.bias is not None else None
     else:
-        weight = _constant(ctx.gm, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"), "weight")
-        bias = _constant(ctx.gm, node.args[2] if len(node.args) > 2 else node.kwargs.get("bias"), "bias")
-    resolved = ctx.config(match, "linear", match.inputs["x"])
-    info = ctx.info(match, "linear", resolved)
-    info.notes.append(f"linear {weight.shape[1]}->{weight.shape[0]}")
-    info.l1_bytes = estimate_eltwise_l1(n, c, 1, None, resolved.config)[0]
-    return LinearHead(ctx, info, weight, bias)
+        weight = _constant(ctx.gm, call_arg(node, 1, "weight"), "weight")
+        bias = _constant(ctx.gm, call_arg(node, 2, "bias"), "bias")
+    info = ctx.info(f"linear {weight.shape[1]}->{weight.shape[0]}")
+    weights = ctx.weight_cache.prepared(
+        info.layer, lambda: (weight, bias), lambda w, b: ctx.backend.prepare_linear(w, b, info.config, info.layer))
+    return LinearHead(ctx.backend, info, weights)

@@ -5,55 +5,45 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ttswap.backends.base import DeviceTensor
+from ttswap.backends.base import Backend, DeviceTensor
 from ttswap.config import Pool2dSpec
+from ttswap.layers import pool_l1
 from ttswap.modules import LayerInfo, TTModule
 from ttswap.patterns.matcher import Call, Input, Match, Module
-from ttswap.patterns.registry import BuildContext, Unsupported, register
+from ttswap.patterns.registry import LayerContext, Unsupported, register
+from ttswap.trace import call_arg
 
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def pool_spec(pool: nn.MaxPool2d) -> Pool2dSpec:
-    if pool.return_indices:
-        raise Unsupported("return_indices=True")
-    stride = pool.stride if pool.stride is not None else pool.kernel_size
-    return Pool2dSpec(_pair(pool.kernel_size), _pair(stride), _pair(pool.padding), _pair(pool.dilation),
-                      bool(pool.ceil_mode))
+# F.max_pool2d's arguments after the input, in order, with their defaults (nn.MaxPool2d orders them otherwise)
+_ARGS = {"kernel_size": None, "stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
 
 
 class MaxPool(TTModule):
-    def __init__(self, ctx: BuildContext, info: LayerInfo, spec: Pool2dSpec):
-        super().__init__(ctx.backend, info)
+    def __init__(self, backend: Backend, info: LayerInfo, spec: Pool2dSpec):
+        super().__init__(backend, info)
         self.spec = spec
+
+    @property
+    def l1_bytes(self) -> int:
+        return pool_l1(self.spec, self.info)
 
     def forward(self, x: DeviceTensor) -> DeviceTensor:
         return self.backend.max_pool2d(x, self.spec, self.cfg, self.layer)
 
 
-def make_pool(ctx: BuildContext, match: Match, spec: Pool2dSpec, op: str = "maxpool") -> MaxPool:
-    n, c, h, w = ctx.nchw(match.inputs["x"])
-    if spec.output_hw(h, w) != tuple(ctx.nchw(match.root)[2:]):
-        raise Unsupported(f"pool output size {spec.output_hw(h, w)} disagrees with torch's {ctx.nchw(match.root)[2:]}")
-    resolved = ctx.config(match, op, match.inputs["x"])
-    info = ctx.info(match, op, resolved)
-    info.notes.append(f"maxpool {spec.kernel[0]}x{spec.kernel[1]}/{spec.stride[0]}" + (" ceil" if spec.ceil_mode else ""))
-    from ttswap.backends.l1 import estimate_pool_l1
-
-    cfg = resolved.config
-    info.l1_bytes = estimate_pool_l1(spec, n, h, w, c, ctx.grid(cfg, match.inputs["x"], sharded=True), cfg)[0]
-    return MaxPool(ctx, info, spec)
-
-
-@register("maxpool", Module(nn.MaxPool2d, Input("x"), name="pool"), Call(F.max_pool2d, Input("x"), name="fn"))
-def build_maxpool(match: Match, ctx: BuildContext):
+@register("maxpool", Module(nn.MaxPool2d, Input("x"), name="pool"), Call(F.max_pool2d, Input("x"), name="fn"),
+          sized_by="x")
+def build_maxpool(match: Match, ctx: LayerContext) -> MaxPool:
     if "pool" in match.named:
-        spec = pool_spec(match.module(ctx.gm, "pool"))
+        pool = ctx.module("pool")
     else:
-        node = match.named["fn"]
-        params = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"), node.args[1:]))
-        params.update(node.kwargs)
-        spec = pool_spec(nn.MaxPool2d(**params))
-    return make_pool(ctx, match, spec)
+        fn = match.named["fn"]
+        pool = nn.MaxPool2d(**{k: call_arg(fn, i + 1, k, d) for i, (k, d) in enumerate(_ARGS.items())})
+    try:
+        spec = Pool2dSpec.from_torch(pool)
+    except ValueError as exc:
+        raise Unsupported(str(exc)) from None
+    _, _, h, w = ctx.nchw(match.inputs["x"])
+    if spec.output_hw(h, w) != ctx.nchw(match.root)[2:]:
+        raise Unsupported(f"pool output size {spec.output_hw(h, w)} disagrees with torch's {ctx.nchw(match.root)[2:]}")
+    note = f"maxpool {spec.kernel[0]}x{spec.kernel[1]}/{spec.stride[0]}" + (" ceil" if spec.ceil_mode else "")
+    return MaxPool(ctx.backend, ctx.info(note), spec)

@@ -6,47 +6,50 @@ from __future__ import annotations
 from torch import nn
 
 from ttswap.activations import ACTIVATION_MODULE_TYPES
-from ttswap.backends.base import DeviceTensor
-from ttswap.layers import make_conv, norm_activation
+from ttswap.backends.base import Backend, DeviceTensor
+from ttswap.layers import ConvLayer
 from ttswap.modules import LayerInfo, TTModule
+from ttswap.patterns.convs import conv_layer, conv_spec, folded_weights, norm_activation
 from ttswap.patterns.matcher import Input, Match, Module
-from ttswap.patterns.registry import BuildContext, Unsupported, register
+from ttswap.patterns.registry import LayerContext, Unsupported, register
 
 _dw = Module(nn.Conv2d, Input("x"), name="dw")
 _bn = Module(nn.BatchNorm2d, Module(nn.Conv2d, _dw, name="pw"), name="bn")
 
 
 class SeparableConv(TTModule):
-    def __init__(self, ctx: BuildContext, info: LayerInfo, depthwise: TTModule, pointwise: TTModule):
-        super().__init__(ctx.backend, info)
+    """Two conv layers; the report shows each one's config on the nodes it computes."""
+
+    def __init__(self, backend: Backend, info: LayerInfo, depthwise: ConvLayer, pointwise: ConvLayer):
+        super().__init__(backend, info)
         self.depthwise, self.pointwise = depthwise, pointwise
 
-    def keep_inputs(self) -> None:
-        self.depthwise.keep_inputs()
+    @property
+    def l1_bytes(self) -> int:
+        return max(self.depthwise.l1_bytes, self.pointwise.l1_bytes)  # one runs after the other
 
     def forward(self, x: DeviceTensor) -> DeviceTensor:
         return self.pointwise(self.depthwise(x))
 
 
 @register("separable_conv", Module(ACTIVATION_MODULE_TYPES, _bn, name="act"), _bn)
-def build_separable(match: Match, ctx: BuildContext):
-    dw, pw = match.module(ctx.gm, "dw"), match.module(ctx.gm, "pw")
+def build_separable(match: Match, ctx: LayerContext) -> SeparableConv:
+    dw, pw, bn = ctx.module("dw"), ctx.module("pw"), ctx.module("bn")
     if not (dw.groups > 1 and dw.groups == dw.in_channels):
         raise Unsupported("first conv is not depthwise")
     if pw.kernel_size != (1, 1) or pw.groups != 1:
         raise Unsupported("second conv is not pointwise")
-    bn = match.module(ctx.gm, "bn")
-    act = match.module(ctx.gm, "act") if "act" in match.named else None
-    resolved = ctx.config(match, "separable_conv")
-    info = ctx.info(match, "separable_conv", resolved)
-    dw_info = ctx.info(match, "separable_conv", resolved)
-    dw_info.layer = str(match.named["dw"].target)
-    pw_node = match.named["pw"]
-    depthwise = make_conv(ctx, dw_info, dw, None, None, ctx.nchw(match.inputs["x"]))
-    pointwise = make_conv(ctx, info, pw, bn, norm_activation(bn, act), ctx.nchw(pw_node.args[0]))
-    module = SeparableConv(ctx, info, depthwise, pointwise)
-    info.notes = list(dict.fromkeys([  # both halves carry the recipe's notes: keep one copy
-        f"dw {dw.kernel_size[0]}x{dw.kernel_size[1]}/{dw.stride[0]} + {pointwise.info.notes[0]}",
-        *depthwise.info.notes[1:], *pointwise.info.notes[1:]]))
-    info.l1_bytes = max(depthwise.info.l1_bytes or 0, pointwise.info.l1_bytes or 0)
-    return module
+    activation = norm_activation(bn, ctx.module("act") if "act" in match.named else None)
+    dw_spec, pw_spec = conv_spec(dw), conv_spec(pw)
+    dw_node = match.named["dw"]
+    ctx.nchw(match.inputs["x"])
+    depthwise = conv_layer(ctx, ctx.info(layer=str(dw_node.target), nodes=[dw_node]), dw_spec,
+                           folded_weights(dw, None), None)
+    pointwise = conv_layer(ctx, ctx.info(nodes=match.nodes[1:], inputs=[dw_node]), pw_spec,
+                           folded_weights(pw, bn), activation)
+    notes = dict.fromkeys([  # both halves carry the recipe's notes: keep one copy
+        f"dw {dw_spec.kernel[0]}x{dw_spec.kernel[1]}/{dw_spec.stride[0]} + {pointwise.info.notes[0]}",
+        *depthwise.info.notes[1:], *pointwise.info.notes[1:]])
+    info = pointwise.info.replace(notes=tuple(notes), nodes=tuple(n.name for n in match.nodes),
+                                  input_shapes=depthwise.info.input_shapes)
+    return SeparableConv(ctx.backend, info, depthwise, pointwise)

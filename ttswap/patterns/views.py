@@ -13,19 +13,12 @@ from torch import nn
 from ttswap.backends.base import DeviceTensor
 from ttswap.modules import TTModule
 from ttswap.patterns.matcher import Call, Input, Match, Module
-from ttswap.patterns.registry import BuildContext, Unsupported, register
+from ttswap.patterns.registry import LayerContext, Unsupported, register
 
 
 class View(TTModule):
     def forward(self, x: DeviceTensor) -> DeviceTensor:
         return x
-
-
-def _view(match: Match, ctx: BuildContext, rewriter: str, note: str) -> View:
-    resolved = ctx.config(match, rewriter, match.inputs["x"])
-    info = ctx.info(match, rewriter, resolved)
-    info.notes.append(f"{note}: no device op")
-    return View(ctx.backend, info)
 
 
 def _keeps_all(index: object, size: int) -> bool:
@@ -35,20 +28,21 @@ def _keeps_all(index: object, size: int) -> bool:
     return start == 0 and stop == size
 
 
-@register("slice", Call(operator.getitem, Input("x"), name="index"))
-def build_slice(match: Match, ctx: BuildContext):
+@register("slice", Call(operator.getitem, Input("x"), name="index"), sized_by="x")
+def build_slice(match: Match, ctx: LayerContext) -> View:
     shape = ctx.nchw(match.inputs["x"])
     index = match.named["index"].args[1]
     index = index if isinstance(index, tuple) else (index,)
     if len(index) > len(shape) or not all(_keeps_all(i, s) for i, s in zip(index, shape)):
         raise Unsupported(f"indexing with {index} selects part of the tensor; only whole-tensor slices are no-ops")
-    return _view(match, ctx, "slice", "selects the whole tensor")
+    return View(ctx.backend, ctx.info("selects the whole tensor: no device op"))
 
 
 @register("flatten", Module(nn.Flatten, Input("x"), name="flatten"),
-          Call((torch.flatten, "flatten"), Input("x"), name="flatten"))
-def build_flatten(match: Match, ctx: BuildContext):
+          Call((torch.flatten, "flatten"), Input("x"), name="flatten"), sized_by="x")
+def build_flatten(match: Match, ctx: LayerContext) -> View:
     n, c, h, w = ctx.nchw(match.inputs["x"])
     if (h, w) != (1, 1) or ctx.shape(match.root) != (n, c):
-        raise Unsupported(f"flatten of a {c}x{h}x{w} map to {list(ctx.shape(match.root))}; only [N, C, 1, 1] -> [N, C]")
-    return _view(match, ctx, "flatten", "[N, C, 1, 1] -> [N, C]")
+        raise Unsupported(f"flatten of a {c}x{h}x{w} map to {list(ctx.shape(match.root))}; "
+                          "only [N, C, 1, 1] -> [N, C]")
+    return View(ctx.backend, ctx.info("[N, C, 1, 1] -> [N, C]: no device op"))
