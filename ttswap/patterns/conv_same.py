@@ -12,13 +12,13 @@ from typing import Any
 
 from torch import nn
 
-from ttswap.activations import ACTIVATION_FUNCTIONS, ACTIVATION_MODULE_TYPES, activation_of_call
+from ttswap.activations import ACTIVATION_FUNCTIONS, ACTIVATION_MODULE_TYPES
 from ttswap.backends.base import Backend, DeviceTensor
 from ttswap.backends.l1 import estimate_conv_l1
 from ttswap.config import Activation, Conv2dSpec
 from ttswap.layers import ConvLayer
 from ttswap.modules import LayerInfo, TTModule
-from ttswap.patterns.convs import conv_layer, folded_weights, norm_activation
+from ttswap.patterns.convs import conv_activation, conv_layer, folded_weights
 from ttswap.patterns.matcher import Call, Input, Match, Module
 from ttswap.patterns.registry import LayerContext, Unsupported, register
 
@@ -71,11 +71,7 @@ def build_conv_same(match: Match, ctx: LayerContext) -> ConvLayer | PaddedConvLa
     if conv.padding_mode != "zeros" or any(conv.padding):
         raise Unsupported(f"Conv2dSame with padding={conv.padding}, padding_mode={conv.padding_mode!r}")
     bn = ctx.module("bn") if "bn" in match.named else None
-    activation = norm_activation(bn, ctx.module("act") if "act" in match.named else None)
-    if "act_fn" in match.named:
-        if activation is not None:
-            raise Unsupported("two activations in a row after one conv")
-        activation = activation_of_call(match.named["act_fn"])
+    activation = conv_activation(match, ctx)
     _, _, h, w = ctx.nchw(match.inputs["x"])
     top, bottom, left, right = same_padding(conv, h, w)
     even = top == bottom and left == right

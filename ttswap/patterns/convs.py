@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from ttswap import layers  # called through the module, so tests can check the cache skips them
-from ttswap.activations import activation_of_module
+from ttswap.activations import activation_of_call, activation_of_module
 from ttswap.config import Activation, Conv2dSpec, DType
 from ttswap.layers import ConvLayer
 from ttswap.modules import LayerInfo
+from ttswap.patterns.matcher import Match
 from ttswap.patterns.registry import LayerContext, Unsupported
 
 Folded = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]  # fp32 weight and bias, BatchNorm folded in
@@ -35,6 +36,17 @@ def norm_activation(bn: nn.Module | None, act: nn.Module | None) -> Activation |
     if len(found) > 1:
         raise Unsupported("two activations in a row after one conv")
     return found[0] if found else None
+
+
+def conv_activation(match: Match, ctx: LayerContext) -> Activation | None:
+    """The one activation a conv pattern matched: its norm's own, an ``act`` module or an ``act_fn`` call."""
+    bn = ctx.module("bn") if "bn" in match.named else None
+    activation = norm_activation(bn, ctx.module("act") if "act" in match.named else None)
+    if "act_fn" in match.named:
+        if activation is not None:
+            raise Unsupported("two activations in a row after one conv")
+        activation = activation_of_call(match.named["act_fn"])
+    return activation
 
 
 def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> Folded:
